@@ -1,0 +1,34 @@
+//! The `openshell` command line. Each command group lives in its own module.
+//!
+//! Exit codes are part of the interface (the seed's `policy set --wait` contract and
+//! `policy check`): 0 success/allow, 1 failure/invalid, 2 bad arguments, 3 deny, 124 timeout.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Sandbox runtime for AI agents: network policy enforced with eBPF, filesystem and process
+/// limits with Landlock and seccomp.
+#[derive(Debug, Parser)]
+#[command(name = "openshell", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate, check, get and set policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Policy(cmd) => match cmd {},
+    }
+}

@@ -1,0 +1,7 @@
+//! openshell: a sandbox runtime for AI agents and other untrusted programs on Linux.
+//!
+//! See DESIGN.md for the architecture. `policy` is pure (text in, decisions out); every other
+//! module wraps it with IO.
+
+pub mod cli;
+pub mod ebpf;

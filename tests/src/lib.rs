@@ -1,0 +1,1 @@
+//! Shared helpers for openshell's end-to-end tests.
