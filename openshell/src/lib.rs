@@ -3,5 +3,6 @@
 //! See DESIGN.md for the architecture. `policy` is pure (text in, decisions out); every other
 //! module wraps it with IO.
 
+pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
