@@ -29,3 +29,48 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// A throw-away cgroup `<cgroup2>/openshell-test-<tag>-<pid>/<name>`, killed and removed on drop
+/// (also when the test panics).
+pub struct TestCgroup {
+    base: Option<openshell::cgroup::CgroupBase>,
+    cgroup: Option<openshell::cgroup::SandboxCgroup>,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let base = openshell::cgroup::CgroupBase::open(&format!(
+            "openshell-test-{tag}-{}",
+            std::process::id()
+        ))
+        .expect("create test cgroup base");
+        let cgroup = base.sandbox("sb").expect("create test cgroup");
+        Self {
+            base: Some(base),
+            cgroup: Some(cgroup),
+        }
+    }
+
+    pub fn cgroup(&self) -> &openshell::cgroup::SandboxCgroup {
+        self.cgroup.as_ref().expect("cgroup present until drop")
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.cgroup().path()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                eprintln!("warning: removing test cgroup: {e}");
+            }
+        }
+        if let Some(base) = self.base.take() {
+            if let Err(e) = base.remove() {
+                eprintln!("warning: removing test cgroup base: {e}");
+            }
+        }
+    }
+}
