@@ -556,6 +556,11 @@ impl CompiledPolicy {
                 }
             };
             let path = target.matched.as_str();
+            // For reasons: the checked path with the query as sent.
+            let shown = || match &target.query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
             if rest
                 .deny
                 .iter()
@@ -564,7 +569,7 @@ impl CompiledPolicy {
                 let reason = Reason::DeniedByRule {
                     block,
                     method: req.method.to_owned(),
-                    path: path.to_owned(),
+                    path: shown(),
                 };
                 if audit {
                     violation.get_or_insert((i, reason));
@@ -587,7 +592,7 @@ impl CompiledPolicy {
                 let reason = Reason::RequestNotPermitted {
                     block,
                     method: req.method.to_owned(),
-                    path: path.to_owned(),
+                    path: shown(),
                 };
                 if audit {
                     violation.get_or_insert((i, reason));

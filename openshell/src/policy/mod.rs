@@ -42,3 +42,6 @@ pub use validate::{MAX_FILESYSTEM_PATHS, MAX_PATH_LEN, parse, too_large};
 
 /// Largest policy file accepted (4 MiB).
 pub const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests;

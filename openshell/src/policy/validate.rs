@@ -601,12 +601,19 @@ fn validate_endpoint(
 
     let mut ports = Vec::new();
     match (&raw.port, &raw.ports) {
-        (Some(_), Some(list)) => c.push(
-            pos(list),
-            format!("{base}.ports"),
-            "both `port` and `ports` are set",
-            Some("keep exactly one: `port: 443` or `ports: [80, 443]`"),
-        ),
+        (Some(p), Some(list)) => {
+            c.push(
+                pos(list),
+                format!("{base}.ports"),
+                "both `port` and `ports` are set",
+                Some("keep exactly one: `port: 443` or `ports: [80, 443]`"),
+            );
+            // Still report bad values in either, so one run shows every error.
+            let _ = validate_port(p, &format!("{base}.port"), c);
+            for (i, p) in list.value.iter().enumerate() {
+                let _ = validate_port(p, &format!("{base}.ports[{i}]"), c);
+            }
+        }
         (None, None) => c.push(
             pos(ep),
             format!("{base}.port"),
