@@ -288,7 +288,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_ops` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; the LRU map may evict the entry afterwards.
-    let Some(record) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     // `local_port` is in host byte order in `bpf_sock_ops`.
@@ -298,7 +298,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     } else {
         PeerKey::v4(Ipv4Be(ctx.local_ip4()), port)
     };
-    if BY_PEER.insert(&key, &record, 0).is_err() {
+    if BY_PEER.insert(key, record, 0).is_err() {
         count(Counter::RecordFailed);
     }
 }
@@ -321,7 +321,7 @@ fn try_sock_release(ctx: &SockContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A missing entry is the common case (sockets that were never redirected).
-    let _ = BY_COOKIE.remove(&cookie);
+    let _ = BY_COOKIE.remove(cookie);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ fn mode() -> CgroupMode {
     // SAFETY: the helper takes no arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once.
-    match unsafe { MODES.get(&cgroup) } {
+    match unsafe { MODES.get(cgroup) } {
         Some(raw) => CgroupMode::from_raw(*raw),
         None => CgroupMode::Intercept,
     }
@@ -382,7 +382,7 @@ fn record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) -> Res
             None => count(Counter::ExeUnknown),
         }
     }
-    BY_COOKIE.insert(&cookie, &record, 0).map_err(|_| {
+    BY_COOKIE.insert(cookie, record, 0).map_err(|_| {
         count(Counter::RecordFailed);
         Error::Record
     })
@@ -393,7 +393,7 @@ fn remember_resolver(ctx: &SockAddrContext, dst: Endpoint) -> Result<(), Error> 
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_addr` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(existing) = unsafe { BY_COOKIE.get(&cookie) }
+    if let Some(existing) = unsafe { BY_COOKIE.get(cookie) }
         && existing.orig_dst == dst
     {
         return Ok(());
@@ -405,7 +405,7 @@ fn remember_resolver(ctx: &SockAddrContext, dst: Endpoint) -> Result<(), Error> 
         orig_dst: dst,
         ..ConnectRecord::default()
     };
-    BY_COOKIE.insert(&cookie, &record, 0).map_err(|_| {
+    BY_COOKIE.insert(cookie, record, 0).map_err(|_| {
         count(Counter::RecordFailed);
         Error::Record
     })
@@ -415,7 +415,7 @@ fn lookup_cookie(ctx: &SockAddrContext) -> Option<Endpoint> {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_addr` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    unsafe { BY_COOKIE.get(&cookie) }.map(|r| r.orig_dst)
+    unsafe { BY_COOKIE.get(cookie) }.map(|r| r.orig_dst)
 }
 
 struct ExeIdentity {

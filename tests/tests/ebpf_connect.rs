@@ -1,6 +1,8 @@
 //! Privileged tests of the eBPF interception (issue 3): real cgroups, real programs, real
 //! processes, test hosts in network namespaces. Run as root; they skip with a message otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 mod ebpf_support;
 
 use std::{net::SocketAddr, path::Path};

@@ -6,6 +6,8 @@
 //! and the listeners closes every file descriptor the process held on the programs, maps and
 //! links, which is what exit does; only the pins in bpffs remain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 mod ebpf_support;
 
 use std::net::SocketAddr;

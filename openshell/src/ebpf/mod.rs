@@ -731,7 +731,7 @@ fn is_bpffs(path: &Path) -> Result<bool, EbpfError> {
     }
     // SAFETY: statfs returned 0, so it filled `stat`.
     let stat = unsafe { stat.assume_init() };
-    Ok(i64::from(stat.f_type) == BPF_FS_MAGIC)
+    Ok(stat.f_type == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs(path: &Path) -> Result<(), EbpfError> {
@@ -783,6 +783,7 @@ fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
 mod tests {
     use super::*;
 
