@@ -189,8 +189,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
             Ok(ALLOW)
         }
         Action::RedirectDns => {
+            let (addr, port) = dns_target6(cfg, &dst);
+            if port == 0 {
+                return Ok(deny(Counter::Unconfigured));
+            }
             record(ctx, cfg, dst, 0)?;
-            redirect_dns6(sa, cfg, &dst);
+            set_v6(sa, addr, port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
         }
@@ -224,8 +228,12 @@ fn try_sendmsg6(ctx: &SockAddrContext) -> Result<i32, Error> {
     let dst = Endpoint::v6(read_ip6(sa), PortBe(port).to_host());
     match sendmsg_action(cfg.is_configured(), mode(), dst.port) {
         Action::RedirectDns => {
+            let (addr, port) = dns_target6(cfg, &dst);
+            if port == 0 {
+                return Ok(deny(Counter::Unconfigured));
+            }
             remember_resolver(ctx, dst)?;
-            redirect_dns6(sa, cfg, &dst);
+            set_v6(sa, addr, port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
         }
@@ -496,11 +504,13 @@ fn set_v6(sa: *mut bpf_sock_addr, addr: Ipv6Be, port: u16) {
     }
 }
 
-fn redirect_dns6(sa: *mut bpf_sock_addr, cfg: &Config, dst: &Endpoint) {
+/// The DNS listener for a destination seen by an IPv6 socket: IPv4 (mapped) resolvers go to the
+/// IPv4 listener as `::ffff:a.b.c.d`, IPv6 ones to the IPv6 listener. Port 0: not configured.
+fn dns_target6(cfg: &Config, dst: &Endpoint) -> (Ipv6Be, u16) {
     if dst.family == AF_INET {
-        set_v6(sa, Ipv6Be::mapped(cfg.dns_v4.addr), cfg.dns_v4.port);
+        (Ipv6Be::mapped(cfg.dns_v4.addr), cfg.dns_v4.port)
     } else {
-        set_v6(sa, cfg.dns_v6.addr, cfg.dns_v6.port);
+        (cfg.dns_v6.addr, cfg.dns_v6.port)
     }
 }
 

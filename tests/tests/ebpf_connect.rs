@@ -425,6 +425,44 @@ fn no_network_mode_refuses_everything_in_the_kernel() -> anyhow::Result<()> {
     check_redirect(&fx, &host, dst, dst, false)
 }
 
+#[test]
+fn records_are_released_with_their_sockets() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let net = TestNet::new()?;
+    let fx = Fixture::new("release")?;
+    let baseline = fx.interceptor().live_socket_records()?;
+    let dst = SocketAddr::from((net.ns_v4(), 443));
+    let mut probes = Vec::new();
+    for _ in 0..5 {
+        let mut cmd = fx.command_in_cgroup(PROBE);
+        cmd.arg("tcp").arg(dst.to_string());
+        let probe = Probe::spawn(cmd)?;
+        assert!(probe.ok(), "{}", probe.line);
+        let (conn, peer) = accept(&fx.listeners().tcp4)?;
+        probes.push((probe, conn, peer));
+    }
+    assert_eq!(fx.interceptor().live_socket_records()?, baseline + 5);
+    // Closing the client sockets (the probes exit) releases their records.
+    for (probe, conn, peer) in probes {
+        drop(probe);
+        drop(conn);
+        // The peer-keyed record stays for the proxy until it takes it.
+        assert!(fx.interceptor().take(peer)?.is_some());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fx.interceptor().live_socket_records()? != baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "socket records leaked: {} live, {baseline} before",
+            fx.interceptor().live_socket_records()?
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 struct TempDir {
     path: std::path::PathBuf,
 }

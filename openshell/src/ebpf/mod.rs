@@ -114,6 +114,7 @@ pub struct Interceptor {
     ebpf: Ebpf,
     config_map: Array<MapData, Config>,
     by_peer: Mutex<HashMap<MapData, PeerKey, common::ConnectRecord>>,
+    by_cookie: HashMap<MapData, u64, common::ConnectRecord>,
     modes: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -172,12 +173,14 @@ impl Interceptor {
             .set(0, kernel_config, 0)
             .map_err(|e| EbpfError::map(map_names::CONFIG, e))?;
         let by_peer = take_map(&mut ebpf, map_names::BY_PEER)?;
+        let by_cookie = take_map(&mut ebpf, map_names::BY_COOKIE)?;
         let modes = take_map(&mut ebpf, map_names::MODES)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         Ok(Self {
             ebpf,
             config_map,
             by_peer: Mutex::new(by_peer),
+            by_cookie,
             modes: Mutex::new(modes),
             counters,
             logger,
@@ -298,6 +301,18 @@ impl Interceptor {
             Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::BY_PEER, e)),
             _ => Ok(Some(record.into())),
         }
+    }
+
+    /// Number of sockets the kernel currently keeps a record for (redirected TCP sockets and UDP
+    /// sockets that talked to a resolver). `sock_release` removes a socket's record when it is
+    /// closed, so this returns to its earlier value once sandboxed sockets are gone.
+    pub fn live_socket_records(&self) -> Result<usize, EbpfError> {
+        let mut n = 0;
+        for key in self.by_cookie.keys() {
+            key.map_err(|e| EbpfError::map(map_names::BY_COOKIE, e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The kernel's decision counters, summed over CPUs.
@@ -429,6 +444,12 @@ fn is_not_found(e: &MapError) -> bool {
         _ => false,
     }
 }
+
+// The proxy shares one Interceptor between its tasks.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Interceptor>();
+};
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
     let program = ebpf
