@@ -162,11 +162,9 @@ impl Interceptor {
         for name in PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
-        let logger = if config.debug_logs {
-            aya_log::EbpfLogger::init(&mut ebpf).ok()
-        } else {
-            None
-        };
+        // The reader exists either way; whether the programs write anything is decided in the
+        // kernel by AYA_LOG_LEVEL above, so "off" costs one branch per log statement.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
         config_map
@@ -347,7 +345,7 @@ impl Interceptor {
         })
     }
 
-    /// Forwards the programs' pending debug logs to the `log` crate (no-op unless
+    /// Forwards the programs' pending debug logs to the `log` crate (there are none unless
     /// [`InterceptorConfig::debug_logs`] was set).
     pub fn flush_logs(&mut self) {
         if let Some(logger) = &mut self.logger {
