@@ -50,9 +50,12 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a cgroup v2 directory")]
+    #[error(
+        "{path} is not a cgroup v2 directory (no cgroup.procs in it); create the sandbox cgroup \
+         under the cgroup2 mount first"
+    )]
     NotACgroup { path: PathBuf },
-    #[error("{what}: port 0 is not a usable listener port")]
+    #[error("{what}: port 0 is not a usable listener port; pass the port the listener is bound to")]
     ZeroPort { what: &'static str },
 }
 
@@ -76,5 +79,36 @@ impl EbpfError {
             program,
             source: Box::new(source),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_where_and_how_to_fix() {
+        let not_bpffs = EbpfError::NotBpffs {
+            path: PathBuf::from("/tmp/pins"),
+        };
+        insta::assert_snapshot!(not_bpffs.to_string(), @"/tmp/pins is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or choose a pin directory under an existing bpffs mount");
+        let not_cgroup = EbpfError::NotACgroup {
+            path: PathBuf::from("/tmp"),
+        };
+        insta::assert_snapshot!(not_cgroup.to_string(), @"/tmp is not a cgroup v2 directory (no cgroup.procs in it); create the sandbox cgroup under the cgroup2 mount first");
+        let zero = EbpfError::ZeroPort {
+            what: "tcp_v4 listener",
+        };
+        insta::assert_snapshot!(zero.to_string(), @"tcp_v4 listener: port 0 is not a usable listener port; pass the port the listener is bound to");
+        let btf = EbpfError::Btf(BtfError::NoMember {
+            strukt: "mm_struct".into(),
+            member: "exe_file".into(),
+        });
+        insta::assert_snapshot!(btf.to_string(), @"kernel BTF at /sys/kernel/btf/vmlinux: kernel BTF struct `mm_struct` has no member `exe_file`");
+        let io = EbpfError::io(
+            Path::new("/sys/fs/bpf/openshell/v1/maps"),
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        insta::assert_snapshot!(io.to_string(), @"/sys/fs/bpf/openshell/v1/maps: Permission denied (os error 13)");
     }
 }
