@@ -4,7 +4,8 @@
 //! - `connect4`/`connect6`: TCP is recorded under the socket cookie and rewritten to the
 //!   transparent listener; UDP to port 53 goes to the DNS listener; other UDP gets EPERM.
 //! - `sock_ops` (TCP_CONNECT_CB): copies the record under the client's source address and port,
-//!   which is what the proxy sees after `accept()`.
+//!   which is what the proxy sees after `accept()`; (STATE_CB) drops it again if the handshake
+//!   fails, since the proxy never accepts such a connection.
 //! - `sendmsg4`/`sendmsg6`: unconnected UDP, same rule as UDP connect.
 //! - `recvmsg4`/`recvmsg6`: answers from the DNS listener carry the resolver's address again.
 //! - `getpeername4`/`getpeername6`: the program sees the destination it asked for.
@@ -17,7 +18,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
@@ -290,24 +294,47 @@ fn try_getpeername6(ctx: &SockAddrContext) {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_by_peer(ctx),
+        BPF_SOCK_OPS_STATE_CB => forget_unaccepted(ctx),
+        _ => {}
     }
+}
+
+/// Copies the cookie-keyed record under the client's source address and port, and asks for
+/// state callbacks so [`forget_unaccepted`] can drop it if the handshake fails.
+fn rekey_by_peer(ctx: &SockOpsContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_ops` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; the LRU map may evict the entry afterwards.
     let Some(record) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    // `local_port` is in host byte order in `bpf_sock_ops`.
+    if BY_PEER.insert(peer_key(ctx), record, 0).is_err() {
+        count(Counter::RecordFailed);
+        return;
+    }
+    // Without the callbacks a refused connect leaves its record until the LRU evicts it.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// A connect that never got past SYN_SENT (refused, timed out) was never accepted by the proxy,
+/// so nobody will look its record up: drop it. Records of established connections stay until
+/// the proxy takes them, even if the client closed first.
+fn forget_unaccepted(ctx: &SockOpsContext) {
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
+        let _ = BY_PEER.remove(peer_key(ctx));
+    }
+}
+
+/// The client's source address and port (`local_port` is in host byte order in `bpf_sock_ops`).
+fn peer_key(ctx: &SockOpsContext) -> PeerKey {
     let port = ctx.local_port() as u16;
-    let key = if ctx.family() == u32::from(AF_INET6) {
+    if ctx.family() == u32::from(AF_INET6) {
         PeerKey::v6(local_ip6(ctx), port)
     } else {
         PeerKey::v4(Ipv4Be(ctx.local_ip4()), port)
-    };
-    if BY_PEER.insert(key, record, 0).is_err() {
-        count(Counter::RecordFailed);
     }
 }
 

@@ -378,6 +378,7 @@ fn with_the_listener_closed_connects_are_refused_not_direct() -> anyhow::Result<
     let mut fx = Fixture::new("closed")?;
     let host = net.run(|| std::net::TcpListener::bind((net.ns_v4(), 443)))??;
     fx.listeners = None;
+    let before = fx.interceptor().record_counts()?;
     for dst in [
         SocketAddr::from((net.ns_v4(), 443)),
         SocketAddr::from((net.ns_v4().to_ipv6_mapped(), 443)),
@@ -396,6 +397,9 @@ fn with_the_listener_closed_connects_are_refused_not_direct() -> anyhow::Result<
         !has_pending(&host)?,
         "a connect went direct while the listener was down"
     );
+    // The refused connects leave no record for the proxy to find later.
+    assert_eq!(fx.interceptor().record_counts()?, before);
+    assert_eq!(fx.interceptor().counters()?.tcp_redirected, 2);
     Ok(())
 }
 
@@ -432,7 +436,7 @@ fn records_are_released_with_their_sockets() -> anyhow::Result<()> {
     }
     let net = TestNet::new()?;
     let fx = Fixture::new("release")?;
-    let baseline = fx.interceptor().live_socket_records()?;
+    let baseline = fx.interceptor().record_counts()?.sockets;
     let dst = SocketAddr::from((net.ns_v4(), 443));
     let mut probes = Vec::new();
     for _ in 0..5 {
@@ -443,7 +447,7 @@ fn records_are_released_with_their_sockets() -> anyhow::Result<()> {
         let (conn, peer) = accept(&fx.listeners().tcp4)?;
         probes.push((probe, conn, peer));
     }
-    assert_eq!(fx.interceptor().live_socket_records()?, baseline + 5);
+    assert_eq!(fx.interceptor().record_counts()?.sockets, baseline + 5);
     // Closing the client sockets (the probes exit) releases their records.
     for (probe, conn, peer) in probes {
         drop(probe);
@@ -452,11 +456,11 @@ fn records_are_released_with_their_sockets() -> anyhow::Result<()> {
         assert!(fx.interceptor().take(peer)?.is_some());
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fx.interceptor().live_socket_records()? != baseline {
+    while fx.interceptor().record_counts()?.sockets != baseline {
         assert!(
             std::time::Instant::now() < deadline,
             "socket records leaked: {} live, {baseline} before",
-            fx.interceptor().live_socket_records()?
+            fx.interceptor().record_counts()?.sockets
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

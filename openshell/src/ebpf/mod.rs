@@ -48,7 +48,7 @@ pub use openshell_common::CgroupMode;
 use openshell_common::{
     self as common, Config, Counter, KernelOffsets, LAYOUT_VERSION, PeerKey, map_names,
 };
-pub use record::{ConnectRecord, Counters, ExeId};
+pub use record::{ConnectRecord, Counters, ExeId, RecordCounts};
 
 /// The compiled eBPF object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/openshell"));
@@ -301,16 +301,24 @@ impl Interceptor {
         }
     }
 
-    /// Number of sockets the kernel currently keeps a record for (redirected TCP sockets and UDP
-    /// sockets that talked to a resolver). `sock_release` removes a socket's record when it is
-    /// closed, so this returns to its earlier value once sandboxed sockets are gone.
-    pub fn live_socket_records(&self) -> Result<usize, EbpfError> {
-        let mut n = 0;
+    /// How many records the kernel keeps right now (diagnostics, and the tests that show
+    /// records do not leak).
+    pub fn record_counts(&self) -> Result<RecordCounts, EbpfError> {
+        let mut sockets = 0;
         for key in self.by_cookie.keys() {
             key.map_err(|e| EbpfError::map(map_names::BY_COOKIE, e))?;
-            n += 1;
+            sockets += 1;
         }
-        Ok(n)
+        let by_peer = self
+            .by_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut peers = 0;
+        for key in by_peer.keys() {
+            key.map_err(|e| EbpfError::map(map_names::BY_PEER, e))?;
+            peers += 1;
+        }
+        Ok(RecordCounts { sockets, peers })
     }
 
     /// The kernel's decision counters, summed over CPUs.

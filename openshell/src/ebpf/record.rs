@@ -78,6 +78,17 @@ pub(super) fn peer_key(peer: SocketAddr) -> PeerKey {
     }
 }
 
+/// Sizes of the record maps (see [`super::Interceptor::record_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordCounts {
+    /// Sockets with a record: redirected TCP sockets and UDP sockets that talked to a resolver.
+    /// `sock_release` removes an entry when its socket is closed.
+    pub sockets: usize,
+    /// Connections waiting for the proxy to take their record. A connect whose handshake fails
+    /// removes its own; the proxy's `take` removes the rest.
+    pub peers: usize,
+}
+
 /// Totals of the decisions the kernel took alone, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
