@@ -3,8 +3,9 @@
 //! accepts. Needs root. Run: `cargo bench -p openshell-tests --bench connect`.
 //!
 //! The client runs in a child process (this binary re-executed with `--client`), so the process
-//! can be placed in the cgroup before it starts; both loops use the same child path. Each loop is
-//! bounded in count and time.
+//! can be placed in the cgroup before it starts; both sides use the same child path. The sides
+//! alternate in rounds so that load from other processes affects both alike. Bounded in count
+//! and time.
 
 use std::{
     io::Write as _,
@@ -21,6 +22,9 @@ use openshell::{
 };
 
 const CONNECTS: usize = 5_000;
+/// The two sides alternate in this many rounds, so load from other processes on the machine
+/// hits both alike.
+const ROUNDS: usize = 10;
 const TIME_LIMIT: Duration = Duration::from_secs(20);
 /// Redirected by the programs; never reached (it is not routed anywhere on this host).
 const SANDBOX_DST: &str = "198.18.0.10:443";
@@ -28,8 +32,9 @@ const SANDBOX_DST: &str = "198.18.0.10:443";
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == "--client") {
-        let addr: SocketAddr = args.get(pos + 1).context("--client ADDR")?.parse()?;
-        return client(addr);
+        let addr: SocketAddr = args.get(pos + 1).context("--client ADDR N")?.parse()?;
+        let count: usize = args.get(pos + 2).context("--client ADDR N")?.parse()?;
+        return client(addr, count);
     }
     if !openshell_tests::is_root() {
         eprintln!("skipped: the connect benchmark needs root (eBPF, cgroups)");
@@ -38,33 +43,56 @@ fn main() -> anyhow::Result<()> {
     bench()
 }
 
-/// Runs the connect loop and prints `n median_ns p99_ns total_ns`.
-fn client(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut samples = Vec::with_capacity(CONNECTS);
+/// Runs `count` connects and prints each latency in ns, one per line, then `total <ns>`.
+fn client(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     let start = Instant::now();
-    for _ in 0..CONNECTS {
-        if start.elapsed() > TIME_LIMIT {
+    for _ in 0..count {
+        if start.elapsed() > TIME_LIMIT / ROUNDS as u32 {
             break;
         }
         let t = Instant::now();
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("connect to {addr}"))?;
-        samples.push(t.elapsed());
+        let elapsed = t.elapsed();
         drop(stream);
+        writeln!(out, "{}", elapsed.as_nanos())?;
     }
-    let total = start.elapsed();
-    samples.sort_unstable();
-    let n = samples.len();
-    if n == 0 {
-        bail!("no connect finished");
-    }
-    println!(
-        "{n} {} {} {}",
-        samples[n / 2].as_nanos(),
-        samples[(n * 99 / 100).min(n - 1)].as_nanos(),
-        total.as_nanos()
-    );
+    writeln!(out, "total {}", start.elapsed().as_nanos())?;
     Ok(())
+}
+
+/// All samples of one side, over every round.
+#[derive(Default)]
+struct Samples {
+    latencies: Vec<Duration>,
+    busy: Duration,
+}
+
+impl Samples {
+    fn add(&mut self, text: &str) -> anyhow::Result<()> {
+        for line in text.lines() {
+            match line.strip_prefix("total ") {
+                Some(total) => self.busy += Duration::from_nanos(total.parse()?),
+                None => self.latencies.push(Duration::from_nanos(line.parse()?)),
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(mut self) -> anyhow::Result<Stats> {
+        self.latencies.sort_unstable();
+        let n = self.latencies.len();
+        if n == 0 {
+            bail!("no connect finished");
+        }
+        Ok(Stats {
+            n: n as u64,
+            median: self.latencies[n / 2],
+            p99: self.latencies[(n * 99 / 100).min(n - 1)],
+            per_sec: n as f64 / self.busy.as_secs_f64(),
+        })
+    }
 }
 
 struct Stats {
@@ -74,9 +102,10 @@ struct Stats {
     per_sec: f64,
 }
 
-fn run_client(addr: &str) -> anyhow::Result<Stats> {
+fn run_client(addr: &str) -> anyhow::Result<String> {
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["--client", addr]).stdout(Stdio::piped());
+    cmd.args(["--client", addr, &(CONNECTS / ROUNDS).to_string()])
+        .stdout(Stdio::piped());
     collect(cmd)
 }
 
@@ -105,8 +134,12 @@ fn bench() -> anyhow::Result<()> {
         };
         let mut interceptor = Interceptor::load(&InterceptorConfig::new(tcp, dns_addr, &bpffs))?;
         let attachment = interceptor.attach(cgroup.path())?;
-        let outside = run_client(&addr.to_string())?;
-        let inside = run_in_cgroup(SANDBOX_DST, cgroup.path())?;
+        let (mut outside, mut inside) = (Samples::default(), Samples::default());
+        for _ in 0..ROUNDS {
+            outside.add(&run_client(&addr.to_string())?)?;
+            inside.add(&run_in_cgroup(SANDBOX_DST, cgroup.path())?)?;
+        }
+        let (outside, inside) = (outside.stats()?, inside.stats()?);
         let counters = interceptor.counters()?;
         attachment.detach()?;
         if counters.tcp_redirected < inside.n {
@@ -149,11 +182,12 @@ fn bench() -> anyhow::Result<()> {
 }
 
 /// As [`run_client`], with the child joining `cgroup` before it execs.
-fn run_in_cgroup(addr: &str, cgroup: &std::path::Path) -> anyhow::Result<Stats> {
+fn run_in_cgroup(addr: &str, cgroup: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
     let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["--client", addr]).stdout(Stdio::piped());
+    cmd.args(["--client", addr, &(CONNECTS / ROUNDS).to_string()])
+        .stdout(Stdio::piped());
     // SAFETY: only async-signal-safe calls (open, write, close) on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -172,7 +206,7 @@ fn run_in_cgroup(addr: &str, cgroup: &std::path::Path) -> anyhow::Result<Stats> 
     collect(cmd)
 }
 
-fn collect(mut cmd: Command) -> anyhow::Result<Stats> {
+fn collect(mut cmd: Command) -> anyhow::Result<String> {
     let out = cmd.output().context("running the client")?;
     if !out.status.success() {
         bail!(
@@ -181,18 +215,5 @@ fn collect(mut cmd: Command) -> anyhow::Result<Stats> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = String::from_utf8(out.stdout)?;
-    let v: Vec<u128> = text
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let [n, median, p99, total] = v[..] else {
-        bail!("unexpected client output {text:?}");
-    };
-    Ok(Stats {
-        n: n as u64,
-        median: Duration::from_nanos(median as u64),
-        p99: Duration::from_nanos(p99 as u64),
-        per_sec: n as f64 / Duration::from_nanos(total as u64).as_secs_f64(),
-    })
+    Ok(String::from_utf8(out.stdout)?)
 }
