@@ -249,7 +249,9 @@ impl Interceptor {
         }
     }
 
-    /// Sets what the kernel does for processes in `cgroup_dir` (see [`CgroupMode`]).
+    /// Sets what the kernel does for processes in `cgroup_dir` (see [`CgroupMode`]). The mode
+    /// applies to processes directly in that cgroup; processes in a child cgroup of it get the
+    /// default ([`CgroupMode::Intercept`]), which still sends everything through the proxy.
     pub fn set_mode(&self, cgroup_dir: &Path, mode: CgroupMode) -> Result<(), EbpfError> {
         let cgroup_id = cgroup_id(cgroup_dir)?;
         let mut modes = self
