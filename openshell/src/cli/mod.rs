@@ -21,6 +21,10 @@ pub enum Command {
     /// Validate, check, get and set policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Internal: applies a sandbox's static restrictions and execs its program (started by the
+    /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit(crate::sandbox::InitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,5 +34,6 @@ pub enum PolicyCommand {}
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(cmd) => match cmd {},
+        Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }
