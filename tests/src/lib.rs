@@ -1,1 +1,3 @@
 //! Shared helpers for openshell's end-to-end tests.
+
+pub mod sandbox;

@@ -33,22 +33,6 @@ const STEP: Step = Step::MountNamespace;
 pub(crate) fn setup(spec: &LaunchSpec, identity: &Identity) -> Result<MountReport, SetupError> {
     ensure_mount_point(Path::new(SANDBOX_DIR))?;
     ensure_mount_point(Path::new(TMP_DIR))?;
-    let workdir = open_dir(&spec.workdir)?;
-    let tmpdir = open_dir(&spec.tmpdir)?;
-    // The sandbox user owns its working directory; /tmp behaves like a host /tmp.
-    nix::unistd::fchown(
-        &workdir,
-        Some(Uid::from_raw(identity.uid)),
-        Some(Gid::from_raw(identity.gid)),
-    )
-    .map_err(|e| SetupError::sys(STEP, "fchown of the working directory", e).at(&spec.workdir))?;
-    nix::unistd::fchown(&tmpdir, Some(Uid::from_raw(0)), Some(Gid::from_raw(0))).map_err(|e| {
-        SetupError::sys(STEP, "fchown of the temporary directory", e).at(&spec.tmpdir)
-    })?;
-    nix::sys::stat::fchmod(&tmpdir, Mode::from_bits_truncate(0o1777)).map_err(|e| {
-        SetupError::sys(STEP, "fchmod 1777 of the temporary directory", e).at(&spec.tmpdir)
-    })?;
-
     nix::sched::unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SetupError::sys(STEP, "unshare(CLONE_NEWNS)", e))?;
     nix::mount::mount(
@@ -59,6 +43,21 @@ pub(crate) fn setup(spec: &LaunchSpec, identity: &Identity) -> Result<MountRepor
         None::<&str>,
     )
     .map_err(|e| SetupError::sys(STEP, "making every mount private", e).at("/"))?;
+    // Opened inside the new namespace (a bind source must belong to it) and before the first
+    // mount (which could hide the other source).
+    let workdir = open_dir(&spec.workdir)?;
+    let tmpdir = open_dir(&spec.tmpdir)?;
+    // The sandbox user owns its working directory; /tmp behaves like a host /tmp.
+    let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
+    nix::unistd::fchown(&workdir, Some(uid), Some(gid)).map_err(|e| {
+        SetupError::sys(STEP, "fchown of the working directory", e).at(&spec.workdir)
+    })?;
+    nix::unistd::fchown(&tmpdir, Some(Uid::from_raw(0)), Some(Gid::from_raw(0))).map_err(|e| {
+        SetupError::sys(STEP, "fchown of the temporary directory", e).at(&spec.tmpdir)
+    })?;
+    nix::sys::stat::fchmod(&tmpdir, Mode::from_bits_truncate(0o1777)).map_err(|e| {
+        SetupError::sys(STEP, "fchmod 1777 of the temporary directory", e).at(&spec.tmpdir)
+    })?;
     bind(&workdir, Path::new(SANDBOX_DIR))?;
     bind(&tmpdir, Path::new(TMP_DIR))?;
     Ok(MountReport {
