@@ -244,7 +244,8 @@ pub fn read_all(fds: &[&OwnedFd], deadline: Instant) -> anyhow::Result<Vec<Strin
                 continue;
             }
             match nix::unistd::read(fds[i], &mut buf) {
-                Ok(0) => open[i] = false,
+                // A pty master reads EIO once the last slave fd is closed.
+                Ok(0) | Err(Errno::EIO) => open[i] = false,
                 Ok(n) => outputs[i].extend_from_slice(&buf[..n]),
                 Err(Errno::EINTR | Errno::EAGAIN) => {}
                 Err(e) => return Err(e.into()),
@@ -282,6 +283,81 @@ pub fn wait(pidfd: &OwnedFd, pid: i32, deadline: Instant) -> anyhow::Result<Exit
         WaitStatus::Signaled(_, signal, _) => Ok(Exit::Signal(signal)),
         other => bail!("unexpected wait status {other:?}"),
     }
+}
+
+/// A command on the host, outside any sandbox, as `uid`/`gid`, in `cgroup` (so that the
+/// cgroup's drop kills whatever it leaves behind). Run it with [`host_output`] or spawn it.
+pub fn host_command(
+    program: &str,
+    uid: u32,
+    gid: u32,
+    cgroup: &TestCgroup,
+) -> anyhow::Result<std::process::Command> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    // Opened here, as root: cgroup v2 checks the opener's credentials, and the hook below runs
+    // after the uid switch.
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.dir.join("cgroup.procs"))
+        .context("opening cgroup.procs")?;
+    let mut command = std::process::Command::new(program);
+    // std drops the supplementary groups when root sets a uid.
+    command
+        .uid(uid)
+        .gid(gid)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: the hook only calls write, which is async-signal-safe, on an fd opened before the
+    // fork (close-on-exec, so the program never sees it).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0\n".as_ptr().cast(), 2) != 2 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// What a host command printed and how it ended.
+#[derive(Debug)]
+pub struct HostOutput {
+    pub exit: Exit,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a host command with captured output, killing it at [`RUN_TIMEOUT`].
+pub fn host_output(command: &mut std::process::Command) -> anyhow::Result<HostOutput> {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning")?;
+    let stdout = OwnedFd::from(child.stdout.take().context("stdout")?);
+    let stderr = OwnedFd::from(child.stderr.take().context("stderr")?);
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let outputs = read_all(&[&stdout, &stderr], deadline);
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: pidfd_open takes a pid and flags; the child is not reaped yet.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("pidfd_open: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(i32::try_from(pidfd)?) };
+    let exit = wait(&pidfd, pid, deadline)?;
+    let mut outputs = outputs?.into_iter();
+    Ok(HostOutput {
+        exit,
+        stdout: outputs.next().unwrap_or_default(),
+        stderr: outputs.next().unwrap_or_default(),
+    })
 }
 
 /// A host directory (outside every sandbox rule) that is removed on drop.

@@ -17,7 +17,7 @@ pub enum SandboxError {
 
     /// `run_as_user` or `run_as_group` names root.
     #[error(
-        "process.{field} is {value:?}, which is root; sandboxes never run as root. Set \
+        "process.{field}: {value:?} is root, and sandboxes never run as root. Set \
          process.{field} to an unprivileged account (the default is `sandbox`)"
     )]
     RootRefused { field: &'static str, value: String },

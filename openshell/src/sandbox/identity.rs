@@ -304,7 +304,7 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            "process.run_as_user is \"0\", which is root; sandboxes never run as root. Set \
+            "process.run_as_user: \"0\" is root, and sandboxes never run as root. Set \
              process.run_as_user to an unprivileged account (the default is `sandbox`)"
         );
     }

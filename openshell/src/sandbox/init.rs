@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SigSet, SigmaskHow};
 use serde::{Deserialize, Serialize};
 
 use super::error::{SetupError, Step};
@@ -184,7 +184,8 @@ fn send(status: &mut File, message: &StatusMessage) -> std::io::Result<()> {
     status.write_all(&line)
 }
 
-/// Close-on-exec for every inherited fd above stderr, default signal dispositions, one thread.
+/// Close-on-exec for every inherited fd above stderr, default signal dispositions and an
+/// empty signal mask, one thread.
 fn prepare_process() -> Result<(), SetupError> {
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on fds; it frees nothing.
     let rc = unsafe {
@@ -202,11 +203,7 @@ fn prepare_process() -> Result<(), SetupError> {
             nix::Error::last(),
         ));
     }
-    // The Rust runtime ignores SIGPIPE, and an ignored signal survives exec: restore it, or
-    // `yes | head` would behave differently in a sandbox.
-    // SAFETY: installing SIG_DFL runs no handler code; the process is single-threaded.
-    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) }
-        .map_err(|e| SetupError::sys(Step::Spec, "resetting SIGPIPE", e))?;
+    reset_ignored_signals()?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|e| SetupError::sys(Step::Spec, "clearing the signal mask", e))?;
     // Landlock and seccomp bind the calling thread only; a second thread would stay unconfined
@@ -219,6 +216,69 @@ fn prepare_process() -> Result<(), SetupError> {
             Step::Spec,
             format!("the init process has {threads} threads; it must run single-threaded"),
         ));
+    }
+    Ok(())
+}
+
+/// The kernel's `struct sigaction` as `rt_sigaction` takes it. Only the handler (first on
+/// every architecture) is read or set; the rest stays zero, and the struct is at least as
+/// large as any architecture's.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Ignored signals stay ignored across exec. The Rust runtime ignores SIGPIPE, and a daemon
+/// may have been started with SIGINT, SIGHUP or a real-time signal ignored; a sandboxed shell
+/// must see all of them at their defaults. glibc refuses to touch the real-time signals it
+/// reserves (32, 33), so this goes to the kernel directly.
+fn reset_ignored_signals() -> Result<(), SetupError> {
+    const SIGSET_SIZE: usize = 8;
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        let mut old = KernelSigaction::default();
+        // SAFETY: a NULL new action only queries; `old` is a writable struct at least as large
+        // as the kernel's struct sigaction.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                std::ptr::null::<KernelSigaction>(),
+                &raw mut old,
+                SIGSET_SIZE,
+            )
+        };
+        if rc != 0 || old.handler != libc::SIG_IGN {
+            continue;
+        }
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            ..KernelSigaction::default()
+        };
+        // SAFETY: `default` is a valid action (SIG_DFL, no flags, empty mask) that the kernel
+        // only reads; the old action is not requested.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &raw const default,
+                std::ptr::null_mut::<KernelSigaction>(),
+                SIGSET_SIZE,
+            )
+        };
+        if rc != 0 {
+            return Err(SetupError::sys(
+                Step::Spec,
+                format!("resetting signal {signal} to its default"),
+                nix::Error::last(),
+            ));
+        }
     }
     Ok(())
 }

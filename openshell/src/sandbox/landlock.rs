@@ -171,10 +171,9 @@ pub(crate) fn apply(
                     return Err(SetupError::new(
                         STEP,
                         format!(
-                            "filesystem_policy.{field} path {} {reason}, and landlock.compatibility \
-                             is hard_requirement. Create the path, remove it from the policy, or set \
-                             landlock.compatibility: best_effort",
-                            rule.path.display()
+                            "this filesystem_policy.{field} path {reason}, and \
+                             landlock.compatibility is hard_requirement. Create the path, remove it \
+                             from the policy, or set landlock.compatibility: best_effort"
                         ),
                     )
                     .at(&rule.path));
