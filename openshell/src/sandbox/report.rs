@@ -181,10 +181,15 @@ impl fmt::Display for EnforcementReport {
             groups.join(",")
         )?;
         let l = &self.landlock;
+        let abi = if l.abi == 0 {
+            "no Landlock in this kernel".to_owned()
+        } else {
+            format!("ABI {}", l.abi)
+        };
         write!(
             f,
-            "landlock:         {} (ABI {}, {})",
-            l.status, l.abi, l.compatibility
+            "landlock:         {} ({abi}, {})",
+            l.status, l.compatibility
         )?;
         if l.scoped.is_empty() {
             writeln!(f)?;
@@ -226,11 +231,11 @@ impl fmt::Display for EnforcementReport {
                 "seccomp:          enabled; other ABIs: {}",
                 s.foreign_arch
             )?;
+            let blocked = s.blocked.join(" ");
             writeln!(
                 f,
-                "  blocked ({:>2})    {}",
-                s.blocked.len(),
-                s.blocked.join(" ")
+                "  blocked         {} calls (EPERM): {blocked}",
+                s.blocked.len()
             )?;
             for rule in &s.restricted {
                 writeln!(f, "  restricted      {rule}")?;
@@ -243,5 +248,96 @@ impl fmt::Display for EnforcementReport {
             writeln!(f, "warning:          {warning}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(path: &str, access: Access, origin: RuleOrigin) -> LandlockRule {
+        LandlockRule {
+            path: path.into(),
+            access,
+            origin,
+        }
+    }
+
+    /// A report as the init process produces it for the seed's static sections plus one missing
+    /// user path under best effort.
+    fn sample() -> EnforcementReport {
+        EnforcementReport {
+            cgroup: Some("/sys/fs/cgroup/openshell/sandboxes/demo".into()),
+            mount_namespace: MountReport {
+                private: true,
+                sandbox: "/var/lib/openshell/sandboxes/demo/work".into(),
+                tmp: "/var/lib/openshell/sandboxes/demo/tmp".into(),
+            },
+            no_new_privs: true,
+            capabilities: CapabilityReport {
+                bounding_dropped: 41,
+                bounding_ambient_inheritable_empty: true,
+                effective_permitted_empty: true,
+            },
+            identity: IdentityReport {
+                user: "sandbox".into(),
+                uid: 999,
+                group: "sandbox".into(),
+                gid: 995,
+                groups: vec![995],
+            },
+            landlock: LandlockReport {
+                abi: 7,
+                status: LandlockStatus::FullyEnforced,
+                compatibility: Compatibility::BestEffort,
+                scoped: vec!["abstract_unix_socket".into(), "signal".into()],
+                rules: vec![
+                    rule("/usr", Access::ReadOnly, RuleOrigin::Policy),
+                    rule("/sandbox", Access::ReadWrite, RuleOrigin::Policy),
+                    rule("/etc", Access::ReadOnly, RuleOrigin::Baseline),
+                    rule("/tmp", Access::ReadWrite, RuleOrigin::Baseline),
+                    rule("/dev/null", Access::ReadWrite, RuleOrigin::Device),
+                    rule("/dev/pts/3", Access::ReadWrite, RuleOrigin::Device),
+                ],
+                skipped: vec![SkippedPath {
+                    path: "/data/models".into(),
+                    access: Access::ReadOnly,
+                    reason: "does not exist".into(),
+                }],
+            },
+            seccomp: super::super::seccomp::describe(),
+            warnings: vec![
+                "landlock: skipping filesystem_policy.read_only path /data/models: does not exist \
+                 (best_effort)"
+                    .into(),
+            ],
+        }
+    }
+
+    #[test]
+    fn text_rendering() {
+        insta::assert_snapshot!(sample().to_string());
+    }
+
+    #[test]
+    fn json_rendering() {
+        insta::assert_json_snapshot!(sample());
+    }
+
+    #[test]
+    fn text_rendering_without_landlock_or_seccomp() {
+        let mut report = sample();
+        report.cgroup = None;
+        report.landlock.status = LandlockStatus::NotEnforced;
+        report.landlock.abi = 0;
+        report.landlock.scoped.clear();
+        report.landlock.rules.clear();
+        report.landlock.skipped.clear();
+        report.seccomp.enabled = false;
+        report.warnings = vec![
+            "landlock: the kernel has no Landlock; filesystem_policy is NOT enforced (best_effort)"
+                .into(),
+        ];
+        insta::assert_snapshot!(report.to_string());
     }
 }
