@@ -7,3 +7,4 @@ pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
 pub mod policy;
+pub mod sandbox;

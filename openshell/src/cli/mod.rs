@@ -25,11 +25,16 @@ pub enum Command {
     /// Validate, check, get and set policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Internal: applies a sandbox's static restrictions and execs its program (started by the
+    /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit(crate::sandbox::InitArgs),
 }
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }
