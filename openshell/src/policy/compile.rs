@@ -18,13 +18,12 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
 use super::decision::{
     ConnectionQuery, Decision, EndpointRef, HttpRequestQuery, Inspection, Reason, Verdict,
 };
-use super::glob;
+use super::glob::{self, PathGlob, ValueGlob};
 use super::host::{HostKind, HostPattern, Label, normalize_name, parse_ip_literal};
 use super::ip;
 use super::model::{
@@ -46,7 +45,7 @@ pub struct CompiledPolicy {
 struct CBlock {
     name: Arc<str>,
     exact_binaries: Vec<Box<OsStr>>,
-    binary_globs: Option<Arc<GlobSet>>,
+    binary_globs: Arc<[PathGlob]>,
 }
 
 #[derive(Debug)]
@@ -84,50 +83,47 @@ enum MethodMatch {
 struct CRule {
     method: MethodMatch,
     /// `None` only if a validated glob failed to compile: the rule then never matches.
-    path: Option<Arc<GlobMatcher>>,
+    path: Option<Arc<PathGlob>>,
     query: Box<[QueryCheck]>,
 }
 
 /// A query key and the globs one of which each of its values must match.
-type QueryCheck = (Box<str>, Box<[Arc<GlobMatcher>]>);
+type QueryCheck = (Box<str>, Box<[Arc<ValueGlob>]>);
 
 /// Shares identical globs between rules: a 10,000-block policy with `/**` everywhere compiles
 /// `/**` once.
 #[derive(Default)]
 struct GlobCache {
-    paths: HashMap<String, Option<Arc<GlobMatcher>>>,
-    values: HashMap<String, Option<Arc<GlobMatcher>>>,
-    binary_sets: HashMap<Vec<String>, Option<Arc<GlobSet>>>,
+    paths: HashMap<String, Option<Arc<PathGlob>>>,
+    values: HashMap<String, Option<Arc<ValueGlob>>>,
+    binaries: HashMap<Vec<String>, Arc<[PathGlob]>>,
 }
 
 impl GlobCache {
-    fn path(&mut self, pattern: &str) -> Option<Arc<GlobMatcher>> {
+    fn path(&mut self, pattern: &str) -> Option<Arc<PathGlob>> {
         self.paths
             .entry(pattern.to_owned())
-            .or_insert_with(|| glob::path_matcher(pattern).ok().map(Arc::new))
+            .or_insert_with(|| PathGlob::new(pattern).ok().map(Arc::new))
             .clone()
     }
 
-    fn value(&mut self, pattern: &str) -> Option<Arc<GlobMatcher>> {
+    fn value(&mut self, pattern: &str) -> Option<Arc<ValueGlob>> {
         self.values
             .entry(pattern.to_owned())
-            .or_insert_with(|| glob::value_matcher(pattern).ok().map(Arc::new))
+            .or_insert_with(|| ValueGlob::new(pattern).ok().map(Arc::new))
             .clone()
     }
 
-    fn binary_set(&mut self, patterns: Vec<String>) -> Option<Arc<GlobSet>> {
-        self.binary_sets
+    fn binaries(&mut self, patterns: Vec<String>) -> Arc<[PathGlob]> {
+        self.binaries
             .entry(patterns)
             .or_insert_with_key(|patterns| {
-                let mut b = GlobSetBuilder::new();
-                for p in patterns {
-                    // Validation checked every pattern; one that fails here is left out, which
-                    // can only deny more.
-                    if let Ok(g) = glob::path_glob(p) {
-                        b.add(g);
-                    }
-                }
-                b.build().ok().map(Arc::new)
+                // Validation checked every pattern; one that fails here is left out, which can
+                // only deny more.
+                patterns
+                    .iter()
+                    .filter_map(|p| PathGlob::new(p).ok())
+                    .collect()
             })
             .clone()
     }
@@ -143,7 +139,7 @@ fn compile_rule(rule: &RequestRule, cache: &mut GlobCache) -> CRule {
         .query
         .iter()
         .map(|(k, m): (&String, &QueryMatcher)| {
-            let globs: Vec<Arc<GlobMatcher>> =
+            let globs: Vec<Arc<ValueGlob>> =
                 m.globs().iter().filter_map(|g| cache.value(g)).collect();
             (k.as_str().into(), globs.into_boxed_slice())
         })
@@ -176,11 +172,7 @@ impl Policy {
                     .into_iter()
                     .map(|b| OsStr::new(b.as_str()).into())
                     .collect(),
-                binary_globs: if globs.is_empty() {
-                    None
-                } else {
-                    cache.binary_set(globs.into_iter().cloned().collect())
-                },
+                binary_globs: cache.binaries(globs.into_iter().cloned().collect()),
             });
             for (ei, ep) in block.endpoints.iter().enumerate() {
                 let idx = u32::try_from(compiled.endpoints.len()).unwrap_or(u32::MAX);
@@ -269,7 +261,8 @@ impl CBlock {
             .chain(ancestors.iter().map(PathBuf::as_path))
             .any(|p| {
                 self.exact_binaries.iter().any(|b| **b == *p.as_os_str())
-                    || self.binary_globs.as_ref().is_some_and(|g| g.is_match(p))
+                    || p.to_str()
+                        .is_some_and(|p| self.binary_globs.iter().any(|g| g.is_match(p)))
             })
     }
 }
@@ -307,7 +300,7 @@ impl LazyQuery<'_> {
     }
 }
 
-fn any_glob(globs: &[Arc<GlobMatcher>], value: &str) -> bool {
+fn any_glob(globs: &[Arc<ValueGlob>], value: &str) -> bool {
     globs.iter().any(|g| g.is_match(value))
 }
 
