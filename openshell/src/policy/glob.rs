@@ -68,14 +68,14 @@ impl PathGlob {
             return None;
         }
         let rest = pattern.strip_prefix('/')?;
+        // `body` holds the segments before a trailing `/**`; `None` for `/**` itself.
         let (body, tail_any) = match rest.strip_suffix("**") {
-            Some(body) if body.is_empty() || body.ends_with('/') => {
-                (body.strip_suffix('/').unwrap_or(body), true)
-            }
-            _ => (rest, false),
+            Some("") => (None, true),
+            Some(body) if body.ends_with('/') => (Some(&body[..body.len() - 1]), true),
+            _ => (Some(rest), false),
         };
         let mut segments = Vec::new();
-        if !(tail_any && body.is_empty()) {
+        if let Some(body) = body {
             for seg in body.split('/') {
                 segments.push(match seg {
                     "*" => Segment::Any,
