@@ -217,9 +217,7 @@ fn validate(raw: &RawPolicy, c: &mut Collector<'_>) -> Policy {
     }) = &raw.network_policies
     {
         for (key, block) in blocks {
-            if let Some(block) = validate_block(key, block, c) {
-                network.insert(key.clone(), block);
-            }
+            network.insert(key.clone(), validate_block(key, block, c));
         }
     }
 
@@ -399,7 +397,7 @@ fn validate_block(
     key: &str,
     block: &Spanned<RawBlock>,
     c: &mut Collector<'_>,
-) -> Option<NetworkBlock> {
+) -> NetworkBlock {
     let base = format!("network_policies.{key}");
     let raw = &block.value;
     let name = raw
@@ -464,12 +462,12 @@ fn validate_block(
         }
     }
 
-    Some(NetworkBlock {
+    NetworkBlock {
         name,
         endpoints,
         binaries,
         pos: pos(block),
-    })
+    }
 }
 
 fn validate_binary(path: &str, b: &Spanned<RawBinary>, c: &mut Collector<'_>) -> Option<String> {
