@@ -393,11 +393,7 @@ fn validate_process(p: &RawProcess, c: &mut Collector<'_>) -> ProcessPolicy {
     }
 }
 
-fn validate_block(
-    key: &str,
-    block: &Spanned<RawBlock>,
-    c: &mut Collector<'_>,
-) -> NetworkBlock {
+fn validate_block(key: &str, block: &Spanned<RawBlock>, c: &mut Collector<'_>) -> NetworkBlock {
     let base = format!("network_policies.{key}");
     let raw = &block.value;
     let name = raw
