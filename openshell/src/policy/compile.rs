@@ -48,8 +48,8 @@ pub struct CompiledPolicy {
 #[derive(Debug)]
 struct CBlock {
     name: Arc<str>,
-    exact_binaries: Vec<Box<OsStr>>,
-    binary_globs: Arc<[PathGlob]>,
+    exact_binaries: Box<[Box<OsStr>]>,
+    binary_globs: Box<[Arc<PathGlob>]>,
 }
 
 #[derive(Debug)]
@@ -81,7 +81,7 @@ enum CAllow {
 #[derive(Debug)]
 enum MethodMatch {
     Any,
-    Exact(Box<str>),
+    Exact(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -99,9 +99,9 @@ type QueryCheck = (Box<str>, Box<[Arc<ValueGlob>]>);
 /// `/**` once.
 #[derive(Default)]
 struct GlobCache {
-    paths: HashMap<String, Option<Arc<PathGlob>>>,
-    values: HashMap<String, Option<Arc<ValueGlob>>>,
-    binaries: HashMap<Vec<String>, Arc<[PathGlob]>>,
+    paths: HashMap<String, Option<Arc<PathGlob>>, FastHash>,
+    values: HashMap<String, Option<Arc<ValueGlob>>, FastHash>,
+    methods: HashMap<String, Arc<str>, FastHash>,
 }
 
 impl GlobCache {
@@ -109,6 +109,8 @@ impl GlobCache {
         if let Some(g) = self.paths.get(pattern) {
             return g.clone();
         }
+        // Validation checked every pattern; one that fails here never matches, which can only
+        // deny more.
         let g = PathGlob::new(pattern).ok().map(Arc::new);
         self.paths.insert(pattern.to_owned(), g.clone());
         g
@@ -123,21 +125,13 @@ impl GlobCache {
         g
     }
 
-    fn binaries(&mut self, patterns: Vec<String>) -> Arc<[PathGlob]> {
-        if patterns.is_empty() {
-            return Arc::from([]);
+    fn method(&mut self, method: &str) -> Arc<str> {
+        if let Some(m) = self.methods.get(method) {
+            return m.clone();
         }
-        self.binaries
-            .entry(patterns)
-            .or_insert_with_key(|patterns| {
-                // Validation checked every pattern; one that fails here is left out, which can
-                // only deny more.
-                patterns
-                    .iter()
-                    .filter_map(|p| PathGlob::new(p).ok())
-                    .collect()
-            })
-            .clone()
+        let m: Arc<str> = Arc::from(method);
+        self.methods.insert(method.to_owned(), m.clone());
+        m
     }
 }
 
@@ -145,7 +139,7 @@ fn compile_rule(rule: &RequestRule, cache: &mut GlobCache) -> CRule {
     let method = if rule.method == "*" {
         MethodMatch::Any
     } else {
-        MethodMatch::Exact(rule.method.as_str().into())
+        MethodMatch::Exact(cache.method(&rule.method))
     };
     let query = rule
         .query
@@ -176,15 +170,19 @@ impl Policy {
         };
         for (bi, block) in self.network.values().enumerate() {
             let bi = u32::try_from(bi).unwrap_or(u32::MAX);
-            let (exact, globs): (Vec<&String>, Vec<&String>) =
-                block.binaries.iter().partition(|b| glob::is_literal(b));
+            let mut exact_binaries = Vec::new();
+            let mut binary_globs = Vec::new();
+            for b in &block.binaries {
+                if glob::is_literal(b) {
+                    exact_binaries.push(OsStr::new(b.as_str()).into());
+                } else if let Some(g) = cache.path(b) {
+                    binary_globs.push(g);
+                }
+            }
             compiled.blocks.push(CBlock {
                 name: block.name.as_str().into(),
-                exact_binaries: exact
-                    .into_iter()
-                    .map(|b| OsStr::new(b.as_str()).into())
-                    .collect(),
-                binary_globs: cache.binaries(globs.into_iter().cloned().collect()),
+                exact_binaries: exact_binaries.into_boxed_slice(),
+                binary_globs: binary_globs.into_boxed_slice(),
             });
             for (ei, ep) in block.endpoints.iter().enumerate() {
                 let idx = u32::try_from(compiled.endpoints.len()).unwrap_or(u32::MAX);
@@ -567,15 +565,12 @@ impl CompiledPolicy {
             let target = match target {
                 Ok(t) => &*t,
                 Err(error) => {
+                    // Refused even in audit mode: there is no checked form to send upstream.
                     let reason = Reason::BadTarget {
                         block: self.block_name(ep),
                         error: error.clone(),
                     };
-                    if audit {
-                        violation.get_or_insert((ep, reason));
-                    } else {
-                        refusal.get_or_insert((ep, reason));
-                    }
+                    refusal.get_or_insert((ep, reason));
                     continue;
                 }
             };

@@ -134,7 +134,8 @@ pub enum Reason {
         method: String,
         path: String,
     },
-    /// The request target is malformed or unsafe.
+    /// The request target is malformed or unsafe (denied even under `enforcement: audit`,
+    /// since there is no checked form to forward).
     BadTarget { block: Arc<str>, error: TargetError },
     /// The destination address is never allowed.
     ForbiddenAddress { ip: IpAddr, class: Forbidden },

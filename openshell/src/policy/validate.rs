@@ -217,9 +217,7 @@ fn validate(raw: &RawPolicy, c: &mut Collector<'_>) -> Policy {
     }) = &raw.network_policies
     {
         for (key, block) in blocks {
-            if let Some(block) = validate_block(key, block, c) {
-                network.insert(key.clone(), block);
-            }
+            network.insert(key.clone(), validate_block(key, block, c));
         }
     }
 
@@ -236,7 +234,7 @@ fn scalar_text(v: &RawScalar) -> String {
     match v {
         RawScalar::Int(i) => i.to_string(),
         RawScalar::Str(s) => format!("\"{s}\""),
-        RawScalar::Other(_) => "of the wrong type".to_owned(),
+        RawScalar::Other => "(a value of the wrong type)".to_owned(),
     }
 }
 
@@ -355,7 +353,7 @@ fn validate_process(p: &RawProcess, c: &mut Collector<'_>) -> ProcessPolicy {
         let text = match &v.value {
             RawScalar::Int(i) => i.to_string(),
             RawScalar::Str(s) => s.clone(),
-            RawScalar::Other(_) => {
+            RawScalar::Other => {
                 c.push(
                     pos(v),
                     path,
@@ -395,11 +393,7 @@ fn validate_process(p: &RawProcess, c: &mut Collector<'_>) -> ProcessPolicy {
     }
 }
 
-fn validate_block(
-    key: &str,
-    block: &Spanned<RawBlock>,
-    c: &mut Collector<'_>,
-) -> Option<NetworkBlock> {
+fn validate_block(key: &str, block: &Spanned<RawBlock>, c: &mut Collector<'_>) -> NetworkBlock {
     let base = format!("network_policies.{key}");
     let raw = &block.value;
     let name = raw
@@ -464,12 +458,12 @@ fn validate_block(
         }
     }
 
-    Some(NetworkBlock {
+    NetworkBlock {
         name,
         endpoints,
         binaries,
         pos: pos(block),
-    })
+    }
 }
 
 fn validate_binary(path: &str, b: &Spanned<RawBinary>, c: &mut Collector<'_>) -> Option<String> {
@@ -520,12 +514,21 @@ fn validate_binary(path: &str, b: &Spanned<RawBinary>, c: &mut Collector<'_>) ->
 fn validate_port(v: &Spanned<RawScalar>, field: &str, c: &mut Collector<'_>) -> Option<u16> {
     match &v.value {
         RawScalar::Int(p) if (1..=65535).contains(p) => u16::try_from(*p).ok(),
+        RawScalar::Int(p) => {
+            c.push(
+                pos(v),
+                field,
+                format!("port {p} is out of range"),
+                Some("use a TCP port from 1 to 65535"),
+            );
+            None
+        }
         other => {
             c.push(
                 pos(v),
                 field,
-                format!("port {} is out of range", scalar_text(other)),
-                Some("use a TCP port from 1 to 65535"),
+                format!("port {} is not a number", scalar_text(other)),
+                Some("write the port as a bare number, e.g. `port: 443`"),
             );
             None
         }

@@ -421,6 +421,11 @@ fn audit_allows_but_marks() {
     );
     let d = l7(&p, "GET", "/secret");
     assert!(allowed(&d) && d.audit);
+    assert_eq!(d.canonical_target.as_deref(), Some("/secret"));
+    // A malformed target has no checked form to forward: denied even in audit mode.
+    let d = l7(&p, "GET", "/a/../../etc/passwd");
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert!(!d.audit);
     // Audit never lets a different binary or host through.
     let d = p.decide_request(
         &conn("api.example.com", 443, "/usr/bin/wget"),

@@ -176,6 +176,10 @@ fn every_listed_error_has_a_precise_message() {
         ("port_missing", endpoint("host: a.example.com")),
         ("port_zero", endpoint("host: a.example.com\n        port: 0")),
         ("port_too_big", endpoint("host: a.example.com\n        port: 65536")),
+        (
+            "port_wrong_type",
+            endpoint("host: a.example.com\n        ports: [\"443\", 4.5, [1], 80]"),
+        ),
         ("ports_empty", endpoint("host: a.example.com\n        ports: []")),
         ("host_star", endpoint("host: \"*\"\n        port: 443")),
         ("host_double_star", endpoint("host: \"**\"\n        port: 443")),
