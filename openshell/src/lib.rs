@@ -5,4 +5,8 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod ebpf;
+pub mod gateway;
+pub mod store;

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod gateway;
+pub mod sandbox;
+
 /// Sandbox runtime for AI agents: network policy enforced with eBPF, filesystem and process
 /// limits with Landlock and seccomp.
 #[derive(Debug, Parser)]
@@ -18,9 +21,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start, stop and inspect the gateway daemon.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCommand),
     /// Validate, check, get and set policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Create, run commands in, list, inspect and delete sandboxes.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +38,8 @@ pub enum PolicyCommand {}
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Gateway(cmd) => gateway::run(cmd),
         Command::Policy(cmd) => match cmd {},
+        Command::Sandbox(cmd) => sandbox::run(cmd),
     }
 }
