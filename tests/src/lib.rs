@@ -1,5 +1,7 @@
 //! Shared helpers for openshell's end-to-end and privileged tests.
 
+pub mod gateway;
+
 use std::path::PathBuf;
 
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
