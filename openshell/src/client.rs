@@ -465,6 +465,16 @@ impl Session {
     }
 
     fn run(mut self, tty: bool) -> Result<i32, ClientError> {
+        // Signals become events on a signalfd. Block them before the command can start (so
+        // none is lost in between) and before any thread exists (threads inherit the mask).
+        let mut mask = SigSet::empty();
+        for s in FORWARDED {
+            mask.add(s);
+        }
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+            .map_err(|e| ClientError::Terminal(e.into()))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| ClientError::Terminal(e.into()))?;
         match self.next_event()? {
             Some(ExecEvent::Ready) => {}
             other => return Err(self.lost(format!("expected ready, got {other:?}"))),
@@ -489,15 +499,6 @@ impl Session {
         } else {
             None
         };
-        // Signals become events on a signalfd; block them first so threads inherit the mask.
-        let mut mask = SigSet::empty();
-        for s in FORWARDED {
-            mask.add(s);
-        }
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
-            .map_err(|e| ClientError::Terminal(e.into()))?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| ClientError::Terminal(e.into()))?;
         match master {
             Some(master) => self.relay(master, &signals),
             None => self.wait(&signals),

@@ -392,3 +392,56 @@ fn interactive_session_through_a_real_pty() -> Result<()> {
     assert_eq!(result["code"], 9, "{result}");
     Ok(())
 }
+
+#[test]
+fn signals_to_the_cli_reach_the_command() -> Result<()> {
+    use std::io::BufRead as _;
+    require_root!();
+    let gw = TestGateway::new()?;
+    gw.run(&["sandbox", "create", "--name", "sig", "--", "true"])?
+        .ok()?;
+    let mut cmd = gw.command();
+    cmd.args([
+        "sandbox", "exec", "sig", "--", "sh", "-c",
+        "trap 'echo got-term; exit 77' TERM; echo ready; i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let first = lines.next().context("no output")??;
+    assert_eq!(first, "ready");
+    // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
+    unsafe {
+        libc::kill(i32::try_from(child.id())?, libc::SIGTERM);
+    }
+    let second = lines.next().context("no output after SIGTERM")??;
+    assert_eq!(second, "got-term");
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(77));
+    Ok(())
+}
+
+#[test]
+fn a_command_that_cannot_start_fails_create_and_leaves_nothing() -> Result<()> {
+    require_root!();
+    let gw = TestGateway::new()?;
+    let run = gw.run(&[
+        "sandbox",
+        "create",
+        "--name",
+        "bad",
+        "--",
+        "/nonexistent/program",
+    ])?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("sandbox create failed") && run.stderr.contains("/nonexistent/program"),
+        "{}",
+        run.stderr
+    );
+    let list = gw.run(&["sandbox", "list", "-o", "json"])?.ok()?.json()?;
+    assert!(names(&list).is_empty(), "{list}");
+    assert!(!gw.cgroup_dir("bad")?.exists());
+    Ok(())
+}
