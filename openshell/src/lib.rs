@@ -9,4 +9,5 @@ pub mod client;
 pub mod config;
 pub mod ebpf;
 pub mod gateway;
+pub mod policy;
 pub mod store;

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod gateway;
+pub mod policy;
 pub mod sandbox;
+
+pub use policy::PolicyCommand;
 
 /// Sandbox runtime for AI agents: network policy enforced with eBPF, filesystem and process
 /// limits with Landlock and seccomp.
@@ -32,14 +35,11 @@ pub enum Command {
     Sandbox(sandbox::SandboxCommand),
 }
 
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {}
-
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Gateway(cmd) => gateway::run(cmd),
-        Command::Policy(cmd) => match cmd {},
+        Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
     }
 }
