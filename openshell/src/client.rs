@@ -109,9 +109,12 @@ impl Client {
         &self.paths
     }
 
-    /// True when the gateway answers on its socket.
+    /// True when a gateway holds the lock and answers a status request. (A socket that merely
+    /// accepts connections may belong to a gateway that was just killed and is being torn down.)
     pub fn is_running(&self) -> bool {
-        StdUnixStream::connect(self.paths.socket()).is_ok()
+        GatewayLock::is_held(&self.paths)
+            && StdUnixStream::connect(self.paths.socket()).is_ok()
+            && self.status().is_ok()
     }
 
     /// Makes sure a gateway runs, starting one in the background (and saying so on stderr)

@@ -84,9 +84,8 @@ fn bad_settings_file_is_reported_with_the_key() -> Result<()> {
     );
     std::fs::write(
         &gw.config,
-        format!(
-            "[gateway]\ncgroup_base = \"{}\"\n[dns]\nupstream = [\"198.18.0.10:53\"]\n[tls]\nextra_roots = [\"/tmp/ca.pem\"]\n",
-            gw.cgroup_base
+        gw.config_text(
+            "[dns]\nupstream = [\"198.18.0.10:53\"]\n[tls]\nextra_roots = [\"/tmp/ca.pem\"]\n",
         ),
     )?;
     gw.run(&["gateway", "start"])?.ok()?;
