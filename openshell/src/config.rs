@@ -10,6 +10,7 @@
 //! ```toml
 //! [gateway]
 //! cgroup_base = "openshell"            # directory under the cgroup2 mount holding sandboxes
+//! socket_group = "openshell"           # optional: members of this group may drive the gateway
 //!
 //! [dns]
 //! upstream = ["198.18.0.10:53"]        # default: the nameservers of /etc/resolv.conf
@@ -126,12 +127,15 @@ pub struct GatewaySection {
     /// Directory under the cgroup2 mount that holds one cgroup per sandbox. Every cgroup in it
     /// belongs to this gateway: unknown ones are removed at start.
     pub cgroup_base: String,
+    /// Group that may use the API socket (mode 0660). Unset: root only (mode 0600).
+    pub socket_group: Option<String>,
 }
 
 impl Default for GatewaySection {
     fn default() -> Self {
         Self {
             cgroup_base: crate::cgroup::DEFAULT_BASE.to_owned(),
+            socket_group: None,
         }
     }
 }

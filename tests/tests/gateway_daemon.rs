@@ -93,6 +93,36 @@ fn bad_settings_file_is_reported_with_the_key() -> Result<()> {
 }
 
 #[test]
+fn socket_group_opens_the_socket_to_a_group() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    require_root!();
+    let gw = TestGateway::new()?;
+    std::fs::write(
+        &gw.config,
+        gw.config_text("")
+            .replace("[ebpf]", "socket_group = \"no-such-group-x\"\n[ebpf]"),
+    )?;
+    let run = gw.run(&["gateway", "start"])?;
+    assert_ne!(run.code, Some(0));
+    let log = std::fs::read_to_string(gw.state_dir().join("gateway.log"))?;
+    assert!(
+        log.contains("no-such-group-x") && log.contains("groupadd"),
+        "{log}"
+    );
+
+    std::fs::write(
+        &gw.config,
+        gw.config_text("")
+            .replace("[ebpf]", "socket_group = \"root\"\n[ebpf]"),
+    )?;
+    gw.run(&["gateway", "start"])?.ok()?;
+    let meta = std::fs::metadata(gw.state_dir().join("run/gateway.sock"))?;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 0);
+    Ok(())
+}
+
+#[test]
 fn restarted_gateway_readopts_running_sandboxes() -> Result<()> {
     require_root!();
     let gw = TestGateway::new()?;

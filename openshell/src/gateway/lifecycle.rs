@@ -298,11 +298,13 @@ impl Sandboxes {
             Ok(self.store.set_phase(&name, Phase::Ready)?)
         });
         if let Err(err) = made {
+            eprintln!("gateway: creating sandbox {name:?} failed: {err}");
             if let Err(cleanup) = self.destroy(&name) {
                 eprintln!("gateway: rolling back sandbox {name:?}: {cleanup}");
             }
             return Err(err);
         }
+        eprintln!("gateway: created sandbox {name:?}");
         self.info(SandboxRecord {
             phase: Phase::Ready,
             ..record
@@ -317,7 +319,9 @@ impl Sandboxes {
                 name: name.to_owned(),
             });
         }
-        self.destroy(name)
+        self.destroy(name)?;
+        eprintln!("gateway: deleted sandbox {name:?}");
+        Ok(())
     }
 
     fn destroy(&self, name: &str) -> Result<(), LifecycleError> {

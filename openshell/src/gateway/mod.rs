@@ -1,8 +1,8 @@
 //! The gateway daemon: one per host, root, owner of every sandbox.
 //!
 //! It keeps its state in the [`crate::store`], serves an HTTP/1.1 JSON API on a Unix socket
-//! (`<run dir>/gateway.sock`, mode 0600: the socket's permissions decide who may drive the
-//! gateway), and spawns every sandbox process. A lock file (`<run dir>/gateway.lock`, `flock`)
+//! (`<run dir>/gateway.sock`; the socket's permissions decide who may drive the gateway: mode
+//! 0600 root by default, 0660 with `[gateway] socket_group`), and spawns every sandbox process. A lock file (`<run dir>/gateway.lock`, `flock`)
 //! makes it one per state directory; its text is the gateway's pid.
 //!
 //! # API
@@ -256,7 +256,24 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
     let listener = std::os::unix::net::UnixListener::bind(&socket);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(io_err("binding", &socket))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+    // The socket's permissions decide who may drive the gateway.
+    let mode = match &config.gateway.socket_group {
+        None => 0o600,
+        Some(group) => {
+            let gid = nix::unistd::Group::from_name(group)
+                .map_err(|e| GatewayError::Config(format!("[gateway] socket_group {group:?}: {e}")))?
+                .ok_or_else(|| {
+                    GatewayError::Config(format!(
+                        "[gateway] socket_group {group:?}: no such group (create it with `groupadd {group}`)"
+                    ))
+                })?
+                .gid;
+            nix::unistd::chown(&socket, None, Some(gid))
+                .map_err(|e| io_err("changing the group of", &socket)(e.into()))?;
+            0o660
+        }
+    };
+    fs::set_permissions(&socket, fs::Permissions::from_mode(mode))
         .map_err(io_err("setting permissions of", &socket))?;
     listener
         .set_nonblocking(true)
