@@ -244,3 +244,23 @@ fn orphan_cgroups_are_removed_at_start() -> Result<()> {
     assert!(log.contains("removed orphan cgroups [\"orphan\"]"), "{log}");
     Ok(())
 }
+
+#[test]
+fn status_and_error_output() -> Result<()> {
+    require_root!();
+    let gw = TestGateway::new()?;
+    gw.run(&["gateway", "start"])?.ok()?;
+    let status = gw.run(&["gateway", "status"])?.ok()?;
+    let pid = gw.gateway_pid().context("no pid")?.to_string();
+    let redacted = status
+        .stdout
+        .replace(&gw.state_dir().display().to_string(), "[STATE]")
+        .replace(&gw.cgroup_base_dir()?.display().to_string(), "[CGROUP]")
+        .replace(&pid, "[PID]")
+        .replace(env!("CARGO_PKG_VERSION"), "[VERSION]");
+    insta::assert_snapshot!("gateway_status", redacted);
+    let missing = gw.run(&["sandbox", "exec", "nope", "--", "true"])?;
+    assert_eq!(missing.code, Some(1));
+    insta::assert_snapshot!("exec_missing_sandbox", missing.stderr);
+    Ok(())
+}

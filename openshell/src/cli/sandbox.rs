@@ -14,7 +14,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::{
     client::{Client, ClientError},
     config::Paths,
-    gateway::api::{CreateSandbox, ExecRequest, SandboxInfo},
+    gateway::{
+        api::{CreateSandbox, ExecRequest, SandboxInfo},
+        lifecycle::validate_name,
+    },
 };
 
 /// Environment variable naming the policy file used when `--policy` is not given.
@@ -104,6 +107,7 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
             command,
         } => create(name, policy, no_keep, output.output, command),
         SandboxCommand::Exec { name, command } => {
+            validate_name(&name)?;
             let client = client()?;
             let code = exec(&client, &name, command)?;
             Ok(exit_code(code))
@@ -117,6 +121,7 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Get { name, output } => {
+            validate_name(&name)?;
             let info = client()?.get(&name)?;
             match output.output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&info)?),
@@ -246,6 +251,9 @@ fn delete(names: Vec<String>, all: bool, output: OutputFormat) -> anyhow::Result
     } else {
         names
     };
+    for name in &names {
+        validate_name(name)?;
+    }
     let mut deleted = Vec::new();
     let mut failed = false;
     for name in names {
