@@ -5,7 +5,7 @@ use std::{
     fs::OpenOptions,
     io::{self, Read as _, Write as _},
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        fd::{AsFd, BorrowedFd, OwnedFd},
         unix::{net::UnixStream as StdUnixStream, process::CommandExt as _},
     },
     path::PathBuf,
@@ -681,7 +681,6 @@ impl Session {
             }
         }
         drop(raw);
-        let _ = master.as_raw_fd();
         exit_code.ok_or(ClientError::GatewayLost)
     }
 }
