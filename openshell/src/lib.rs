@@ -10,4 +10,5 @@ pub mod config;
 pub mod ebpf;
 pub mod gateway;
 pub mod policy;
+pub mod sandbox;
 pub mod store;

@@ -4,11 +4,11 @@
     reason = "test helpers fail the calling test loudly when the machine is not as expected"
 )]
 
-pub mod gateway;
-
 use std::path::PathBuf;
 
+pub mod gateway;
 pub mod netns;
+pub mod sandbox;
 
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
 /// beside this test executable (`cargo xtask test` builds it first).

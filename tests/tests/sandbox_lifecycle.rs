@@ -528,3 +528,69 @@ fn network_interceptor_is_attached_before_the_first_process() -> Result<()> {
     assert_eq!(left, 0, "links left pinned under {}", links.display());
     Ok(())
 }
+
+#[test]
+fn hard_requirement_missing_path_fails_create_before_the_command_runs() -> Result<()> {
+    require_root!();
+    let gw = TestGateway::new()?;
+    let policy = gw.state_dir().join("hard.yaml");
+    let marker = gw.state_dir().join("ran");
+    std::fs::write(
+        &policy,
+        "version: 1\nfilesystem_policy:\n  read_only: [/usr, /lib, /etc, /opt/openshell-missing-path]\n  read_write: [/sandbox, /tmp]\nlandlock:\n  compatibility: hard_requirement\n",
+    )?;
+    let mut cmd = gw.command();
+    cmd.args(["sandbox", "create", "--name", "hard", "--policy"])
+        .arg(&policy)
+        .args(["--", "touch"])
+        .arg(&marker);
+    let run = run_with_timeout(cmd, b"", CALL_TIMEOUT)?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("sandbox create failed")
+            && run.stderr.contains("/opt/openshell-missing-path"),
+        "{}",
+        run.stderr
+    );
+    assert!(!marker.exists(), "the command ran");
+    let list = gw.run(&["sandbox", "list", "-o", "json"])?.ok()?.json()?;
+    assert!(names(&list).is_empty(), "{list}");
+
+    // best_effort: the same path is skipped with one warning line and the command runs.
+    std::fs::write(
+        &policy,
+        "version: 1\nfilesystem_policy:\n  read_only: [/usr, /lib, /etc, /opt/openshell-missing-path]\n  read_write: [/sandbox, /tmp]\nlandlock:\n  compatibility: best_effort\n",
+    )?;
+    let mut cmd = gw.command();
+    cmd.args(["sandbox", "create", "--name", "soft", "--policy"])
+        .arg(&policy)
+        .args(["--", "true"]);
+    let run = run_with_timeout(cmd, b"", CALL_TIMEOUT)?.ok()?;
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("/opt/openshell-missing-path"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    Ok(())
+}
+
+#[test]
+fn sandbox_processes_run_confined() -> Result<()> {
+    require_root!();
+    let gw = TestGateway::new()?;
+    gw.run(&["sandbox", "create", "--name", "conf", "--", "true"])?
+        .ok()?;
+    let run = gw
+        .run(&[
+            "sandbox", "exec", "conf", "--", "sh", "-c",
+            "id -un; pwd; touch /sandbox/ok && echo sandbox-writable; touch /usr/nope 2>/dev/null || echo usr-denied",
+        ])?
+        .ok()?;
+    assert_eq!(
+        run.stdout, "sandbox\n/sandbox\nsandbox-writable\nusr-denied\n",
+        "{}",
+        run.stderr
+    );
+    Ok(())
+}

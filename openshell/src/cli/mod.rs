@@ -33,6 +33,10 @@ pub enum Command {
     /// Create, run commands in, list, inspect and delete sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Internal: applies a sandbox's static restrictions and execs its program (started by the
+    /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit(crate::sandbox::InitArgs),
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -41,5 +45,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(cmd) => gateway::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
+        Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }

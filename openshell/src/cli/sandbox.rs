@@ -445,7 +445,24 @@ pub fn render_get(s: &SandboxInfo) -> String {
         scalar(&p["run_as_group"])
     );
     match &s.report {
-        Some(report) => render_value(&mut out, 0, "Enforcement (last launch)", report),
+        Some(report) => {
+            let _ = writeln!(out, "Enforcement (last launch):");
+            match serde_json::from_value::<crate::sandbox::EnforcementReport>(report.clone()) {
+                Ok(report) => {
+                    for line in report.to_string().lines() {
+                        let _ = writeln!(out, "  {line}");
+                    }
+                }
+                // A report written by another openshell version: show it as it is.
+                Err(_) => {
+                    if let Some(map) = report.as_object() {
+                        for (k, v) in map {
+                            render_value(&mut out, 2, k, v);
+                        }
+                    }
+                }
+            }
+        }
         None => {
             let _ = writeln!(out, "Enforcement (last launch): nothing launched yet");
         }

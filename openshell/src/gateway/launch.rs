@@ -1,25 +1,13 @@
-//! The gateway's one seam to the launcher and the policy module: static configuration of a
-//! sandbox, and starting a process in it.
-//!
-//! [`static_config`] reads the policy with [`crate::policy::parse`].
-//!
-//! TEMPORARY (until `openshell::sandbox::spawn` lands on main): [`launch`] only joins the
-//! sandbox cgroup, starts a new session and execs, with no mount namespace, Landlock, seccomp or
-//! identity switch. It is replaced by a call to the launcher; nothing else in the gateway changes.
+//! The gateway's one seam to the policy module and the launcher: the static configuration of a
+//! sandbox (from [`crate::policy::parse`]) and starting a process in it
+//! ([`crate::sandbox::spawn`]).
 
-use std::{
-    fs::OpenOptions,
-    io,
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::process::CommandExt as _,
-    },
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{os::fd::OwnedFd, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::sandbox::{Compatibility, FsRules, LaunchSpec, SandboxStdio};
 
 /// The static sections of a sandbox's policy (fixed at creation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +15,7 @@ pub struct StaticConfig {
     pub read_only: Vec<PathBuf>,
     pub read_write: Vec<PathBuf>,
     pub include_workdir: bool,
-    /// `best_effort` or `hard_requirement`.
-    pub compatibility: String,
+    pub compatibility: Compatibility,
     pub run_as_user: String,
     pub run_as_group: String,
 }
@@ -53,15 +40,15 @@ pub fn static_config(source: &str, text: &str) -> Result<LoadedPolicy, PolicyRej
         .to_canonical_yaml()
         .map_err(|e| PolicyRejected(format!("{source}: writing the canonical form: {e}")))?;
     let compatibility = match policy.landlock.compatibility {
-        crate::policy::Compatibility::BestEffort => "best_effort",
-        crate::policy::Compatibility::HardRequirement => "hard_requirement",
+        crate::policy::Compatibility::BestEffort => Compatibility::BestEffort,
+        crate::policy::Compatibility::HardRequirement => Compatibility::HardRequirement,
     };
     Ok(LoadedPolicy {
         static_config: StaticConfig {
             read_only: policy.filesystem.read_only,
             read_write: policy.filesystem.read_write,
             include_workdir: policy.filesystem.include_workdir,
-            compatibility: compatibility.to_owned(),
+            compatibility,
             run_as_user: policy.process.run_as_user,
             run_as_group: policy.process.run_as_group,
         },
@@ -106,72 +93,49 @@ pub struct Launched {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("{0}")]
-    Sandbox(String),
-    #[error("opening {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("starting {program:?}: {source}")]
-    Exec {
-        program: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("no command given")]
+    NoCommand,
+    #[error("finding the openshell binary (the sandbox init program): {0}")]
+    InitProgram(#[source] std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
-/// Starts `req.argv` in the sandbox. Blocking; call it from `spawn_blocking`.
+/// Starts `req.argv` in the sandbox under its static restrictions. Blocking (the launcher waits
+/// for the init process's setup); call it from `spawn_blocking`.
 pub fn launch(req: &LaunchRequest, stdio: LaunchStdio) -> Result<Launched, LaunchError> {
-    let Some(program) = req.argv.first() else {
-        return Err(LaunchError::Sandbox("no command given".to_owned()));
-    };
-    let procs_path = req.cgroup_dir.join("cgroup.procs");
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(&procs_path)
-        .map_err(|source| LaunchError::Cgroup {
-            path: procs_path.clone(),
-            source,
-        })?;
-    let procs_fd = procs.as_raw_fd();
-    let tty = stdio.controlling_tty;
-    let mut command = Command::new(program);
-    command
-        .args(&req.argv[1..])
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.workdir)
-        .stdin(Stdio::from(stdio.stdin))
-        .stdout(Stdio::from(stdio.stdout))
-        .stderr(Stdio::from(stdio.stderr));
-    // SAFETY: runs between fork and exec and only makes async-signal-safe system calls
-    // (write, setsid, ioctl) on descriptors that stay open across the fork.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if req.argv.is_empty() {
+        return Err(LaunchError::NoCommand);
     }
-    let child = command.spawn().map_err(|source| LaunchError::Exec {
-        program: program.clone(),
-        source,
-    })?;
-    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let c = &req.config;
+    let spec = LaunchSpec {
+        argv: req.argv.iter().map(Into::into).collect(),
+        env: req.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        cwd: PathBuf::from(crate::sandbox::SANDBOX_DIR),
+        cgroup_dir: Some(req.cgroup_dir.clone()),
+        workdir: req.workdir.clone(),
+        tmpdir: req.tmpdir.clone(),
+        filesystem: FsRules {
+            read_only: c.read_only.clone(),
+            read_write: c.read_write.clone(),
+            include_workdir: c.include_workdir,
+        },
+        compatibility: c.compatibility,
+        run_as_user: c.run_as_user.clone(),
+        run_as_group: c.run_as_group.clone(),
+        init_program: std::env::current_exe().map_err(LaunchError::InitProgram)?,
+    };
+    let launched = crate::sandbox::spawn(
+        &spec,
+        SandboxStdio {
+            stdin: stdio.stdin,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            controlling_tty: stdio.controlling_tty,
+        },
+    )?;
     Ok(Launched {
-        pid,
-        report: serde_json::json!({
-            "launcher": "temporary (cgroup and session only; no Landlock, seccomp or identity switch)",
-            "cgroup": req.cgroup_dir,
-        }),
+        pid: launched.pid,
+        report: serde_json::to_value(&launched.report).unwrap_or(serde_json::Value::Null),
     })
 }
