@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod gateway;
 pub mod netns;
 pub mod sandbox;
 
