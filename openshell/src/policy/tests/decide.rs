@@ -565,3 +565,29 @@ fn decision_json_shape() {
     let d = l7(&p, "POST", "/api/v1/download");
     insta::assert_json_snapshot!("decision_deny", d);
 }
+
+#[test]
+fn dns_names_that_no_block_could_allow_are_refused() {
+    let p = compile(
+        r#"  b:
+    endpoints:
+      - { host: "**.corp.example.com", port: 443 }
+      - { host: "*.s3.*.amazonaws.com", port: 443 }
+      - { host: 198.18.0.10, port: 80 }
+      - { host: api.github.com, port: 443 }
+    binaries: [{ path: /usr/bin/curl }]
+"#,
+    );
+    for (name, expected) in [
+        ("a.b.corp.example.com", true),
+        ("corp.example.com", false),
+        ("bucket.s3.us-east-1.amazonaws.com", true),
+        ("s3.amazonaws.com", false),
+        ("198.18.0.10", true),
+        ("API.GitHub.com.", true),
+        ("github.com", false),
+        ("", false),
+    ] {
+        assert_eq!(p.name_could_be_allowed(name), expected, "{name}");
+    }
+}

@@ -420,3 +420,22 @@ fn files_over_four_mib_are_rejected() {
     assert_eq!(at_limit.len(), MAX_POLICY_BYTES);
     assert!(parse("p.yaml", &at_limit).is_ok());
 }
+
+#[test]
+fn canonical_form_of_a_network_only_policy_keeps_sections_absent() {
+    let yaml = "version: 1\nnetwork_policies:\n  b:\n    endpoints: [{ host: A.Example.COM., port: 443, tls: terminate }]\n    binaries: [{ path: /usr/bin/curl }]\n";
+    let p = parse("reload.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let canon = p.to_canonical_yaml().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !canon.contains("filesystem_policy") && !canon.contains("process"),
+        "{canon}"
+    );
+    assert!(canon.contains("host: a.example.com"), "{canon}");
+    let again = parse("canon.yaml", &canon).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.present, p.present);
+    assert_eq!(
+        again.network["b"].endpoints[0].host,
+        p.network["b"].endpoints[0].host
+    );
+    assert_eq!(again.to_canonical_yaml().ok(), Some(canon));
+}
