@@ -22,10 +22,6 @@
 //! [proxy]
 //! transparent_listen = "127.0.0.1:15001"   # where intercepted connect()s are redirected
 //! http_listen = "127.0.0.1:3128"           # explicit HTTP proxy (CONNECT)
-//!
-//! [ebpf]
-//! enabled = true                       # false: the documented fallback, network NOT enforced
-//! bpffs_dir = "/sys/fs/bpf/openshell"  # where maps and links are pinned
 //! ```
 
 use std::{
@@ -118,7 +114,6 @@ pub struct GatewayConfig {
     pub dns: DnsSection,
     pub tls: TlsSection,
     pub proxy: ProxySection,
-    pub ebpf: EbpfSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,25 +174,6 @@ impl Default for ProxySection {
         Self {
             transparent_listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EbpfSection {
-    /// Attach the network interceptor to every sandbox. `false` is a fallback for hosts without
-    /// eBPF support: sandboxes then have NO network enforcement (`sandbox get` says so).
-    pub enabled: bool,
-    /// bpffs directory where maps and links are pinned (so enforcement survives restarts).
-    pub bpffs_dir: PathBuf,
-}
-
-impl Default for EbpfSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            bpffs_dir: PathBuf::from("/sys/fs/bpf/openshell"),
         }
     }
 }

@@ -102,11 +102,6 @@ pub fn run_with_timeout(mut cmd: Command, stdin: &[u8], timeout: Duration) -> an
     })
 }
 
-/// The bpffs directory of a test gateway (pins of maps and links).
-fn bpffs_dir(cgroup_base: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf").join(cgroup_base)
-}
-
 impl TestGateway {
     pub fn new() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("openshell-gw-").tempdir()?;
@@ -116,23 +111,15 @@ impl TestGateway {
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
         let config = dir.path().join("gateway.toml");
-        let gw = Self {
+        std::fs::write(
+            &config,
+            format!("[gateway]\ncgroup_base = \"{cgroup_base}\"\n"),
+        )?;
+        Ok(Self {
             dir,
             config,
             cgroup_base,
-        };
-        std::fs::write(&gw.config, gw.config_text(""))?;
-        Ok(gw)
-    }
-
-    /// The settings file this gateway needs (own cgroup base, own bpffs directory), followed
-    /// by `extra` (more TOML sections).
-    pub fn config_text(&self, extra: &str) -> String {
-        format!(
-            "[gateway]\ncgroup_base = \"{}\"\n[ebpf]\nbpffs_dir = \"{}\"\n{extra}",
-            self.cgroup_base,
-            bpffs_dir(&self.cgroup_base).display()
-        )
+        })
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -197,8 +184,6 @@ impl Drop for TestGateway {
             }
             let _ = std::fs::remove_dir(&base);
         }
-        // Unpins this gateway's maps and any link left behind.
-        let _ = std::fs::remove_dir_all(bpffs_dir(&self.cgroup_base));
     }
 }
 

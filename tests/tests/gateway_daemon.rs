@@ -74,19 +74,21 @@ fn start_status_stop() -> Result<()> {
 fn bad_settings_file_is_reported_with_the_key() -> Result<()> {
     require_root!();
     let gw = TestGateway::new()?;
-    std::fs::write(&gw.config, "[dns]\nupstreams = [\"198.18.0.10:53\"]\n")?;
+    let good = std::fs::read_to_string(&gw.config)?;
+    std::fs::write(
+        &gw.config,
+        format!("{good}[tls]\nextra_root = [\"/tmp/ca.pem\"]\n"),
+    )?;
     let run = gw.run(&["gateway", "start"])?;
     assert_eq!(run.code, Some(1));
     assert!(
-        run.stderr.contains("upstreams") && run.stderr.contains(&gw.config.display().to_string()),
+        run.stderr.contains("extra_root") && run.stderr.contains(&gw.config.display().to_string()),
         "{}",
         run.stderr
     );
     std::fs::write(
         &gw.config,
-        gw.config_text(
-            "[dns]\nupstream = [\"198.18.0.10:53\"]\n[tls]\nextra_roots = [\"/tmp/ca.pem\"]\n",
-        ),
+        format!("{good}[tls]\nextra_roots = [\"/tmp/ca.pem\"]\n"),
     )?;
     gw.run(&["gateway", "start"])?.ok()?;
     Ok(())
@@ -97,11 +99,14 @@ fn socket_group_opens_the_socket_to_a_group() -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     require_root!();
     let gw = TestGateway::new()?;
-    std::fs::write(
-        &gw.config,
-        gw.config_text("")
-            .replace("[ebpf]", "socket_group = \"no-such-group-x\"\n[ebpf]"),
-    )?;
+    let good = std::fs::read_to_string(&gw.config)?;
+    let with_group = |group: &str| {
+        good.replace(
+            "[gateway]\n",
+            &format!("[gateway]\nsocket_group = \"{group}\"\n"),
+        )
+    };
+    std::fs::write(&gw.config, with_group("no-such-group-x"))?;
     let run = gw.run(&["gateway", "start"])?;
     assert_ne!(run.code, Some(0));
     let log = std::fs::read_to_string(gw.state_dir().join("gateway.log"))?;
@@ -110,11 +115,7 @@ fn socket_group_opens_the_socket_to_a_group() -> Result<()> {
         "{log}"
     );
 
-    std::fs::write(
-        &gw.config,
-        gw.config_text("")
-            .replace("[ebpf]", "socket_group = \"root\"\n[ebpf]"),
-    )?;
+    std::fs::write(&gw.config, with_group("root"))?;
     gw.run(&["gateway", "start"])?.ok()?;
     let meta = std::fs::metadata(gw.state_dir().join("run/gateway.sock"))?;
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);

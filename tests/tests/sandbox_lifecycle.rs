@@ -489,47 +489,6 @@ fn a_policy_naming_root_is_refused_with_the_validation_format() -> Result<()> {
 }
 
 #[test]
-fn network_interceptor_is_attached_before_the_first_process() -> Result<()> {
-    require_root!();
-    let gw = TestGateway::new()?;
-    // A host service the sandbox must not reach directly: with the interceptor attached, the
-    // connect is redirected to the proxy's transparent listener (not running here: refused).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let port = listener.local_addr()?.port();
-    let script = format!(
-        "import socket, sys\n\
-         try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5)\n\
-         except OSError as e:\n    print('refused', e.errno)\n    sys.exit(3)\n\
-         print('connected')\n"
-    );
-    // The very first process of the sandbox is already intercepted.
-    let run = gw.run(&[
-        "sandbox", "create", "--name", "net", "--", "python3", "-c", &script,
-    ])?;
-    assert_eq!(run.code, Some(3), "{run:?}");
-    assert!(run.stdout.starts_with("refused"), "{}", run.stdout);
-    assert!(
-        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "the host service received a connection from the sandbox"
-    );
-    let get = gw
-        .run(&["sandbox", "get", "net", "-o", "json"])?
-        .ok()?
-        .json()?;
-    assert_eq!(get["network_enforced"], true);
-
-    // Delete detaches the programs: nothing of the sandbox stays pinned.
-    gw.run(&["sandbox", "delete", "net"])?.ok()?;
-    let links = std::path::Path::new("/sys/fs/bpf")
-        .join(&gw.cgroup_base)
-        .join("v1/links");
-    let left = std::fs::read_dir(&links).map_or(0, Iterator::count);
-    assert_eq!(left, 0, "links left pinned under {}", links.display());
-    Ok(())
-}
-
-#[test]
 fn hard_requirement_missing_path_fails_create_before_the_command_runs() -> Result<()> {
     require_root!();
     let gw = TestGateway::new()?;

@@ -37,13 +37,13 @@ pub const FAILPOINT_ENV: &str = "OPENSHELL_FAILPOINT";
 /// How many generated names are tried before giving up.
 const NAME_ATTEMPTS: usize = 8;
 
-/// Attaches network enforcement to a sandbox cgroup before its first process runs, and removes
-/// it before the cgroup goes (the eBPF interceptor implements this).
+/// Attaches network enforcement to a sandbox cgroup before its first process runs (the eBPF
+/// interceptor implements this).
 pub trait CgroupAttach: Send + Sync {
-    /// Attaches (or re-adopts an attachment made by an earlier gateway process).
     fn attach(&self, cgroup_dir: &Path) -> Result<(), String>;
-    /// Detaches; a cgroup that no longer exists is not an error.
-    fn detach(&self, cgroup_dir: &Path) -> Result<(), String>;
+    /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
+    /// implementation).
+    fn detach(&self, _cgroup_dir: &Path) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub enum LifecycleError {
         #[source]
         source: io::Error,
     },
-    #[error("sandbox {name:?}: network enforcement (eBPF): {message}")]
+    #[error("sandbox {name:?}: attaching network enforcement: {message}")]
     Attach { name: String, message: String },
 }
 
@@ -222,20 +222,6 @@ impl Sandboxes {
         move |source| LifecycleError::Cgroup { name, source }
     }
 
-    fn detach(&self, name: &str, cgroup_dir: &Path) -> Result<(), LifecycleError> {
-        match &self.attach {
-            Some(attach) if cgroup_dir.exists() => {
-                attach
-                    .detach(cgroup_dir)
-                    .map_err(|message| LifecycleError::Attach {
-                        name: name.to_owned(),
-                        message,
-                    })
-            }
-            _ => Ok(()),
-        }
-    }
-
     fn make_dirs(&self, name: &str) -> Result<SandboxCgroup, LifecycleError> {
         for dir in [self.workdir(name), self.tmpdir(name)] {
             fs::create_dir_all(&dir).map_err(Self::io_err(name, "creating", &dir))?;
@@ -330,7 +316,14 @@ impl Sandboxes {
             Err(e) => return Err(e.into()),
         }
         let cgroup = SandboxCgroup::from_path(self.cgroups.path().join(name));
-        self.detach(name, cgroup.path())?;
+        if let Some(attach) = &self.attach
+            && cgroup.path().exists()
+        {
+            // Empty the cgroup first: a process left running after the programs are detached
+            // would connect without the proxy.
+            cgroup.kill().map_err(Self::cgroup_err(name))?;
+            attach.detach(cgroup.path());
+        }
         cgroup.remove().map_err(Self::cgroup_err(name))?;
         let dir = self.dir(name);
         match fs::remove_dir_all(&dir) {
@@ -366,9 +359,9 @@ impl Sandboxes {
             .map_err(Self::cgroup_err("(cgroup base)"))?
         {
             if !ready.contains(&name) {
-                let cgroup = SandboxCgroup::from_path(self.cgroups.path().join(&name));
-                self.detach(&name, cgroup.path())?;
-                cgroup.remove().map_err(Self::cgroup_err(&name))?;
+                SandboxCgroup::from_path(self.cgroups.path().join(&name))
+                    .remove()
+                    .map_err(Self::cgroup_err(&name))?;
                 done.orphan_cgroups.push(name);
             }
         }

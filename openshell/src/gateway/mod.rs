@@ -1,9 +1,10 @@
 //! The gateway daemon: one per host, root, owner of every sandbox.
 //!
 //! It keeps its state in the [`crate::store`], serves an HTTP/1.1 JSON API on a Unix socket
-//! (`<run dir>/gateway.sock`; the socket's permissions decide who may drive the gateway: mode
-//! 0600 root by default, 0660 with `[gateway] socket_group`), and spawns every sandbox process. A lock file (`<run dir>/gateway.lock`, `flock`)
-//! makes it one per state directory; its text is the gateway's pid.
+//! (`<run dir>/gateway.sock`, mode 0600: the socket's permissions decide who may drive the
+//! gateway), and spawns every sandbox process. A lock file (`<run dir>/gateway.lock`, `flock`)
+//! makes it one per state directory; its text is the gateway's pid. `[gateway] socket_group`
+//! opens the socket to a group (mode 0660).
 //!
 //! # API
 //!
@@ -88,10 +89,6 @@ pub enum GatewayError {
     Cgroup(#[from] CgroupError),
     #[error("reconciling sandboxes at start: {0}")]
     Reconcile(#[source] lifecycle::LifecycleError),
-    #[error(
-        "loading the eBPF network interceptor: {0}\n  (openshell needs root, kernel BTF and bpffs; on a host without eBPF set `[ebpf] enabled = false` in the gateway config to run sandboxes WITHOUT network enforcement)"
-    )]
-    Ebpf(#[source] crate::ebpf::EbpfError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] io::Error),
 }
@@ -102,61 +99,6 @@ fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error
         action,
         path,
         source,
-    }
-}
-
-/// The eBPF interceptor as the lifecycle's [`CgroupAttach`]. The proxy shares it (through
-/// [`EbpfAttach::interceptor`]) to look up who opened each connection.
-#[derive(Debug)]
-pub struct EbpfAttach {
-    interceptor: std::sync::Mutex<crate::ebpf::Interceptor>,
-}
-
-impl EbpfAttach {
-    /// Loads the programs with the listener addresses of `config`.
-    pub fn load(config: &GatewayConfig) -> Result<Self, GatewayError> {
-        let v4 = |addr: std::net::SocketAddr, what: &str| match addr {
-            std::net::SocketAddr::V4(a) => Ok(a),
-            std::net::SocketAddr::V6(_) => Err(GatewayError::Config(format!(
-                "{what} must be an IPv4 address (IPv6 listeners are not supported yet)"
-            ))),
-        };
-        let ebpf_config = crate::ebpf::InterceptorConfig::new(
-            v4(
-                config.proxy.transparent_listen,
-                "[proxy] transparent_listen",
-            )?,
-            v4(config.dns.listen, "[dns] listen")?,
-            config.ebpf.bpffs_dir.clone(),
-        );
-        let interceptor =
-            crate::ebpf::Interceptor::load(&ebpf_config).map_err(GatewayError::Ebpf)?;
-        Ok(Self {
-            interceptor: std::sync::Mutex::new(interceptor),
-        })
-    }
-
-    /// The interceptor, for connection lookups.
-    pub fn interceptor(&self) -> std::sync::MutexGuard<'_, crate::ebpf::Interceptor> {
-        self.interceptor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl CgroupAttach for EbpfAttach {
-    fn attach(&self, cgroup_dir: &std::path::Path) -> Result<(), String> {
-        // The links stay pinned when the `Attachment` is dropped; `detach` removes them.
-        self.interceptor()
-            .attach(cgroup_dir)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    }
-
-    fn detach(&self, cgroup_dir: &std::path::Path) -> Result<(), String> {
-        self.interceptor()
-            .detach(cgroup_dir)
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -225,14 +167,7 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
 
     let store = Arc::new(SqliteStore::open(&paths.database())?);
     let cgroups = CgroupBase::open(&config.gateway.cgroup_base)?;
-    let interceptor = if config.ebpf.enabled {
-        Some(Arc::new(EbpfAttach::load(config)?))
-    } else {
-        eprintln!("gateway: WARNING: [ebpf] enabled = false: sandboxes get NO network enforcement");
-        None
-    };
-    let attach = interceptor.clone().map(|i| i as Arc<dyn CgroupAttach>);
-    let sandboxes = Arc::new(Sandboxes::new(store, paths.clone(), cgroups, attach));
+    let sandboxes = Arc::new(Sandboxes::new(store, paths.clone(), cgroups, None));
     let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;
     eprintln!(
         "gateway: pid {}, state {}, cgroups {}; re-adopted {:?}, rolled back {:?}, removed orphan cgroups {:?}",
