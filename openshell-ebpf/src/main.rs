@@ -294,12 +294,26 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     // `local_port` is in host byte order in `bpf_sock_ops`.
     let port = ctx.local_port() as u16;
     let key = if ctx.family() == u32::from(AF_INET6) {
-        PeerKey::v6(Ipv6Be(ctx.local_ip6()), port)
+        PeerKey::v6(local_ip6(ctx), port)
     } else {
         PeerKey::v4(Ipv4Be(ctx.local_ip4()), port)
     };
     if BY_PEER.insert(&key, &record, 0).is_err() {
         count(Counter::RecordFailed);
+    }
+}
+
+/// Reads `local_ip6` one 32-bit word at a time (see [`read_ip6`]).
+fn local_ip6(ctx: &SockOpsContext) -> Ipv6Be {
+    let ops = ctx.ops;
+    // SAFETY: readable fields of the context the kernel passed in, one 32-bit load each.
+    unsafe {
+        Ipv6Be([
+            core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[0])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[1])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[2])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[3])),
+        ])
     }
 }
 
@@ -457,29 +471,27 @@ fn set_v4(sa: *mut bpf_sock_addr, addr: Ipv4Be, port: u16) {
 
 /// Reads `user_ip6` one 32-bit word at a time (the verifier rejects wider context reads).
 fn read_ip6(sa: *mut bpf_sock_addr) -> Ipv6Be {
-    // SAFETY: readable fields of the context the kernel passed in; volatile keeps each access a
-    // separate 32-bit load.
+    // SAFETY: readable fields of the context the kernel passed in; each volatile read is one
+    // 32-bit load at a constant offset from the context pointer, as the verifier requires.
     unsafe {
-        let p = core::ptr::addr_of!((*sa).user_ip6).cast::<u32>();
         Ipv6Be([
-            core::ptr::read_volatile(p),
-            core::ptr::read_volatile(p.add(1)),
-            core::ptr::read_volatile(p.add(2)),
-            core::ptr::read_volatile(p.add(3)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sa).user_ip6[0])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sa).user_ip6[1])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sa).user_ip6[2])),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sa).user_ip6[3])),
         ])
     }
 }
 
 /// Writes `user_ip6` one 32-bit word at a time, and `user_port`.
 fn set_v6(sa: *mut bpf_sock_addr, addr: Ipv6Be, port: u16) {
-    // SAFETY: writable fields of the context the kernel passed in; volatile keeps each access a
-    // separate 32-bit store.
+    // SAFETY: writable fields of the context the kernel passed in; each volatile write is one
+    // 32-bit store at a constant offset from the context pointer.
     unsafe {
-        let p = core::ptr::addr_of_mut!((*sa).user_ip6).cast::<u32>();
-        core::ptr::write_volatile(p, addr.0[0]);
-        core::ptr::write_volatile(p.add(1), addr.0[1]);
-        core::ptr::write_volatile(p.add(2), addr.0[2]);
-        core::ptr::write_volatile(p.add(3), addr.0[3]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[0]), addr.0[0]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[1]), addr.0[1]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[2]), addr.0[2]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[3]), addr.0[3]);
         (*sa).user_port = PortBe::from_host(port).0;
     }
 }

@@ -98,6 +98,17 @@ pub enum EbpfError {
     },
     #[error("pinning or opening link {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error(
+        "{path} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or \
+         choose a pin directory under an existing bpffs mount"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a cgroup v2 directory")]
     NotACgroup { path: PathBuf },
     #[error("{what}: port 0 is not a usable listener port")]
@@ -343,6 +354,7 @@ impl Interceptor {
     pub fn load(config: &InterceptorConfig) -> Result<Self, EbpfError> {
         let offsets = kernel_offsets()?;
         let kernel_config = config.to_kernel(offsets)?;
+        ensure_bpffs(&config.bpffs_dir)?;
         let root = config.bpffs_dir.join(format!("v{LAYOUT_VERSION}"));
         let maps_dir = root.join("maps");
         fs::create_dir_all(&maps_dir).map_err(|e| EbpfError::io(&maps_dir, e))?;
@@ -667,6 +679,81 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), EbpfError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(EbpfError::io(dir, e)),
     }
+}
+
+/// The conventional bpffs mount point, which systemd mounts at boot on most distributions.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Checks that `dir` (or its nearest existing ancestor) is on bpffs. When that ancestor is the
+/// conventional `/sys/fs/bpf` and nothing is mounted there yet, mounts bpffs, as systemd does.
+fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    if existing != Path::new(BPFFS_MOUNT) {
+        return Err(EbpfError::NotBpffs {
+            path: dir.to_path_buf(),
+        });
+    }
+    mount_bpffs(existing)?;
+    if is_bpffs(existing)? {
+        Ok(())
+    } else {
+        Err(EbpfError::NotBpffs {
+            path: dir.to_path_buf(),
+        })
+    }
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, EbpfError> {
+    let c_path = path_cstring(path)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated path and `stat` is large enough for the result.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(EbpfError::io(path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statfs returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Ok(i64::from(stat.f_type) == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(path: &Path) -> Result<(), EbpfError> {
+    let c_path = path_cstring(path)?;
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c_path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(EbpfError::MountBpffs {
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+fn path_cstring(path: &Path) -> Result<std::ffi::CString, EbpfError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        EbpfError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+        )
+    })
 }
 
 /// Resolves the kernel structure offsets the connect programs follow.
