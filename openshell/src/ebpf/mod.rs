@@ -462,8 +462,8 @@ impl Interceptor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match modes.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(EbpfError::map(map_names::MODES, e)),
+            Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::MODES, e)),
+            _ => Ok(()),
         }
     }
 
@@ -476,7 +476,7 @@ impl Interceptor {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = match mode {
             CgroupMode::Intercept => match modes.remove(&cgroup_id) {
-                Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
                 other => other,
             },
             CgroupMode::NoNetwork => modes.insert(cgroup_id, mode as u32, 0),
@@ -514,8 +514,8 @@ impl Interceptor {
             Err(e) => return Err(EbpfError::map(map_names::BY_PEER, e)),
         };
         match by_peer.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(Some(record.into())),
-            Err(e) => Err(EbpfError::map(map_names::BY_PEER, e)),
+            Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::BY_PEER, e)),
+            _ => Ok(Some(record.into())),
         }
     }
 
@@ -636,6 +636,16 @@ impl Interceptor {
             path,
             message: e.to_string(),
         })
+    }
+}
+
+/// Whether a map operation failed only because the key was absent (aya reports a lookup miss as
+/// `KeyNotFound` but a delete miss as the syscall's ENOENT).
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

@@ -136,6 +136,10 @@ impl Drop for Fixture {
                 self.cgroup.path().display()
             );
         }
+        // Shared by the tests running in parallel: only the last one succeeds in removing it.
+        if let Some(base) = self.cgroup.path().parent() {
+            let _ = std::fs::remove_dir(base);
+        }
         if self.bpffs_dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&self.bpffs_dir)
         {
