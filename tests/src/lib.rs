@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod netns;
+
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
 /// beside this test executable (`cargo xtask test` builds it first).
 pub fn openshell_bin() -> PathBuf {
