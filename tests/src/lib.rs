@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub mod dns;
 pub mod netns;
 
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`

@@ -180,9 +180,17 @@ mod tests {
         let cache = NameCache::default();
         let t0 = Instant::now();
         cache.remember(ip("198.18.0.10"), "pypi.org", Duration::from_secs(300), t0);
-        cache.remember(ip("198.18.0.11"), "files.pythonhosted.org", Duration::from_secs(1), t0);
+        cache.remember(
+            ip("198.18.0.11"),
+            "files.pythonhosted.org",
+            Duration::from_secs(1),
+            t0,
+        );
         let at = |s| t0 + Duration::from_secs(s);
-        assert_eq!(cache.names(ip("198.18.0.10"), at(299)), vec![Arc::from("pypi.org")]);
+        assert_eq!(
+            cache.names(ip("198.18.0.10"), at(299)),
+            vec![Arc::from("pypi.org")]
+        );
         assert!(cache.names(ip("198.18.0.10"), at(300)).is_empty());
         // TTL 1 s is held for MIN_HOLD.
         assert_eq!(cache.names(ip("198.18.0.11"), at(59)).len(), 1);
@@ -194,7 +202,12 @@ mod tests {
     fn mapped_and_plain_ipv4_are_one_address() {
         let cache = NameCache::default();
         let t0 = Instant::now();
-        cache.remember(ip("::ffff:198.18.0.10"), "pypi.org", Duration::from_secs(300), t0);
+        cache.remember(
+            ip("::ffff:198.18.0.10"),
+            "pypi.org",
+            Duration::from_secs(300),
+            t0,
+        );
         assert_eq!(cache.names(ip("198.18.0.10"), t0).len(), 1);
     }
 
@@ -207,7 +220,10 @@ mod tests {
         cache.remember(ip("198.18.0.10"), "b.example.com", ttl, t0);
         cache.remember(ip("198.18.0.10"), "a.example.com", ttl, t0);
         let names = cache.names(ip("198.18.0.10"), t0);
-        assert_eq!(names, vec![Arc::from("a.example.com"), Arc::from("b.example.com")]);
+        assert_eq!(
+            names,
+            vec![Arc::from("a.example.com"), Arc::from("b.example.com")]
+        );
         assert_eq!(cache.len(), 2);
         for i in 0..20 {
             cache.remember(ip("198.18.0.10"), &format!("n{i}.example.com"), ttl, t0);
@@ -222,7 +238,12 @@ mod tests {
         let t0 = Instant::now();
         cache.remember(ip("198.18.0.10"), "pypi.org", Duration::from_secs(3600), t0);
         cache.remember(ip("198.18.0.10"), "pypi.org", Duration::from_secs(1), t0);
-        assert_eq!(cache.names(ip("198.18.0.10"), t0 + Duration::from_secs(3000)).len(), 1);
+        assert_eq!(
+            cache
+                .names(ip("198.18.0.10"), t0 + Duration::from_secs(3000))
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -232,7 +253,12 @@ mod tests {
         let long = Duration::from_secs(3600);
         cache.remember(ip("198.18.0.1"), "short.example.com", MIN_HOLD, t0);
         cache.remember(ip("198.18.0.2"), "long.example.com", long, t0);
-        cache.remember(ip("198.18.0.3"), "mid.example.com", Duration::from_secs(600), t0);
+        cache.remember(
+            ip("198.18.0.3"),
+            "mid.example.com",
+            Duration::from_secs(600),
+            t0,
+        );
         // Full: the soonest to expire (short) goes.
         cache.remember(ip("198.18.0.4"), "new.example.com", long, t0);
         assert_eq!(cache.len(), 3);

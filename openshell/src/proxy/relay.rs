@@ -160,9 +160,10 @@ async fn splice_direction(
         let mut left = n;
         while left > 0 {
             to.as_ref().writable().await?;
-            match to.as_ref().try_io(Interest::WRITABLE, || {
-                splice(pipe.read_fd(), to_fd, left)
-            }) {
+            match to
+                .as_ref()
+                .try_io(Interest::WRITABLE, || splice(pipe.read_fd(), to_fd, left))
+            {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,

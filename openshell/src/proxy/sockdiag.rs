@@ -45,14 +45,7 @@ pub fn udp_socket_cgroup(client: SocketAddr, server: SocketAddr) -> io::Result<O
     let request = encode_request(client, server);
     // SAFETY: the buffer is valid for its length; netlink to the kernel (pid 0) needs no address
     // because an unbound netlink socket sends to the kernel by default.
-    let sent = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
+    let sent = unsafe { libc::send(sock.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -134,7 +127,9 @@ fn parse_response(buf: &[u8], client_port: u16) -> io::Result<Option<u64>> {
         .map(|b| u16::from_be_bytes([b[0], b[1]]))
         .ok_or_else(|| bad("short inet_diag_msg"))?;
     if sport != client_port {
-        return Err(bad("the kernel reported another socket than the one asked for"));
+        return Err(bad(
+            "the kernel reported another socket than the one asked for",
+        ));
     }
     let mut attrs = msg
         .get(NLMSG_HDR_LEN + MSG_LEN..)
@@ -156,7 +151,9 @@ fn parse_response(buf: &[u8], client_port: u16) -> io::Result<Option<u64>> {
         let aligned = (attr_len + 3) & !3;
         attrs = attrs.get(aligned..).unwrap_or_default();
     }
-    Err(bad("the kernel reported no cgroup id (Linux 5.9 or later is needed)"))
+    Err(bad(
+        "the kernel reported no cgroup id (Linux 5.9 or later is needed)",
+    ))
 }
 
 fn u32_at(buf: &[u8], at: usize) -> u32 {
