@@ -6,4 +6,5 @@
 pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
+pub mod policy;
 pub mod proxy;
