@@ -5,6 +5,10 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod ebpf;
+pub mod gateway;
 pub mod policy;
 pub mod proxy;
+pub mod store;

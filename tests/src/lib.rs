@@ -1,5 +1,7 @@
 //! Shared helpers for openshell's end-to-end and privileged tests.
 
+pub mod gateway;
+
 use std::path::PathBuf;
 
 pub mod dns;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod gateway;
 pub mod policy;
+pub mod sandbox;
 
 pub use policy::PolicyCommand;
 
@@ -22,14 +24,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start, stop and inspect the gateway daemon.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCommand),
     /// Validate, check, get and set policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Create, run commands in, list, inspect and delete sandboxes.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
 }
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Gateway(cmd) => gateway::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Sandbox(cmd) => sandbox::run(cmd),
     }
 }

@@ -1,0 +1,212 @@
+//! The gateway daemon: one per host, root, owner of every sandbox.
+//!
+//! It keeps its state in the [`crate::store`], serves an HTTP/1.1 JSON API on a Unix socket
+//! (`<run dir>/gateway.sock`, mode 0600: the socket's permissions decide who may drive the
+//! gateway), and spawns every sandbox process. A lock file (`<run dir>/gateway.lock`, `flock`)
+//! makes it one per state directory; its text is the gateway's pid.
+//!
+//! # API
+//!
+//! | request | body → response |
+//! |---|---|
+//! | `GET /v1/status` | → [`api::GatewayStatus`] |
+//! | `POST /v1/shutdown` | → `{}`; the gateway exits, sandboxes keep running |
+//! | `GET /v1/sandboxes` | → `[`[`api::SandboxInfo`]`]` |
+//! | `POST /v1/sandboxes` | [`api::CreateSandbox`] → [`api::SandboxInfo`] |
+//! | `GET /v1/sandboxes/{name}` | → [`api::SandboxInfo`] |
+//! | `DELETE /v1/sandboxes/{name}` | → `{}` |
+//! | `POST /v1/sandboxes/{name}/exec` | [`api::ExecRequest`] with `Upgrade: openshell-exec/1` → 101 |
+//!
+//! Errors are 4xx/5xx with an [`api::ErrorBody`].
+//!
+//! # Exec sessions
+//!
+//! A command runs over the connection that asked for it. After `101 Switching Protocols` both
+//! ends speak newline-delimited JSON [`api::ExecEvent`]s, and file descriptors travel with
+//! SCM_RIGHTS on the first byte of a line ([`wire`]):
+//!
+//! 1. gateway → `{"event":"ready"}`: the gateway reads the raw socket from now on (so no
+//!    descriptor can be swallowed by an HTTP read buffer).
+//! 2. CLI → `{"event":"stdio"}`, carrying the CLI's stdin, stdout and stderr unless the request
+//!    asked for a tty.
+//! 3. gateway → `{"event":"started","pid":N}`, carrying the pty master when a tty was asked
+//!    for; or `{"event":"error","message":...}` when the command could not start (nothing ran).
+//! 4. CLI → `{"event":"signal","signal":N}` any number of times: delivered to the command.
+//! 5. gateway → `{"event":"exited","code":N}` (128 + signal number when killed); then both close.
+//!
+//! With a tty the CLI relays bytes between its terminal (raw mode) and the master and sets the
+//! master's window size on SIGWINCH; the kernel then signals the command's foreground group. The
+//! gateway never relays bytes. If the gateway goes away mid-session the command keeps running.
+//!
+//! # Restart
+//!
+//! Stopping or killing the gateway does not stop sandboxes. A starting gateway reconciles
+//! ([`lifecycle`]): it re-adopts ready sandboxes and their cgroups, rolls back half-created ones
+//! and removes orphan cgroups under its cgroup base.
+
+pub mod api;
+pub mod launch;
+pub mod lifecycle;
+mod server;
+pub mod wire;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::{
+    cgroup::{CgroupBase, CgroupError},
+    config::{GatewayConfig, Paths},
+    store::{SqliteStore, StoreError},
+};
+
+pub use lifecycle::{CgroupAttach, Sandboxes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("a gateway is already running for {state_dir} (pid {pid})")]
+    AlreadyRunning { state_dir: PathBuf, pid: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cgroup base: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("reconciling sandboxes at start: {0}")]
+    Reconcile(#[source] lifecycle::LifecycleError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> GatewayError {
+    let path = path.to_path_buf();
+    move |source| GatewayError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Holds the per-state-directory lock for the gateway's lifetime.
+#[derive(Debug)]
+pub struct GatewayLock {
+    _lock: Flock<File>,
+}
+
+impl GatewayLock {
+    /// Takes the lock or reports the running gateway's pid.
+    pub fn acquire(paths: &Paths) -> Result<Self, GatewayError> {
+        let path = paths.lock_file();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("opening lock file", &path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                lock.set_len(0)
+                    .map_err(io_err("writing lock file", &path))?;
+                writeln!(&mut *lock, "{}", std::process::id())
+                    .map_err(io_err("writing lock file", &path))?;
+                Ok(Self { _lock: lock })
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(GatewayError::AlreadyRunning {
+                state_dir: paths.state_dir.clone(),
+                pid: fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            }),
+            Err((_, e)) => Err(io_err("locking", &path)(e.into())),
+        }
+    }
+
+    /// True when some process holds the lock of `paths` (a gateway is running or starting).
+    pub fn is_held(paths: &Paths) -> bool {
+        let Ok(file) = File::open(paths.lock_file()) else {
+            return false;
+        };
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(_) => false,
+            Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
+        }
+    }
+}
+
+fn create_dir(path: &std::path::Path, mode: u32) -> Result<(), GatewayError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(io_err("creating", path))
+}
+
+/// Runs the gateway in the foreground until `POST /v1/shutdown`, SIGTERM or SIGINT.
+pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
+    create_dir(&paths.state_dir, 0o700)?;
+    create_dir(&paths.run_dir, 0o755)?;
+    create_dir(&paths.sandboxes_dir(), 0o755)?;
+    let _lock = GatewayLock::acquire(paths)?;
+
+    let store = Arc::new(SqliteStore::open(&paths.database())?);
+    let cgroups = CgroupBase::open(&config.gateway.cgroup_base)?;
+    let sandboxes = Arc::new(Sandboxes::new(store, paths.clone(), cgroups, None));
+    let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;
+    eprintln!(
+        "gateway: pid {}, state {}, cgroups {}; re-adopted {:?}, rolled back {:?}, removed orphan cgroups {:?}",
+        std::process::id(),
+        paths.state_dir.display(),
+        sandboxes.cgroup_base().display(),
+        done.adopted,
+        done.rolled_back,
+        done.orphan_cgroups
+    );
+
+    let socket = paths.socket();
+    // We hold the lock, so a socket file left here belongs to a dead gateway.
+    match fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("removing stale socket", &socket)(e)),
+    }
+    // Bind under a restrictive umask so the socket is never reachable by others, even briefly.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = std::os::unix::net::UnixListener::bind(&socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(io_err("binding", &socket))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(io_err("setting permissions of", &socket))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("configuring", &socket))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(GatewayError::Runtime)?;
+    let state = server::State {
+        sandboxes,
+        paths: paths.clone(),
+    };
+    let served = runtime.block_on(server::serve(listener, state));
+    let _ = fs::remove_file(&socket);
+    // Sessions still waiting for their command keep a blocking thread; do not wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    eprintln!("gateway: stopped");
+    served.map_err(io_err("serving", &socket))
+}

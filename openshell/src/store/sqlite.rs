@@ -1,0 +1,628 @@
+//! The embedded SQLite store.
+//!
+//! Durability: the database runs in WAL mode with `synchronous = FULL`, so every committed
+//! transaction is fsynced to the WAL before `COMMIT` returns; a crash (gateway SIGKILL or power
+//! loss) after a call returned loses nothing. Each [`Store`] call is one transaction.
+//!
+//! Schema changes are numbered migrations applied in order inside a transaction each; the
+//! applied number is SQLite's `user_version`. A database newer than this binary is refused.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    DecisionRecord, NewSandbox, Phase, PolicyRevision, RevisionStatus, SandboxRecord, Store,
+    StoreError,
+};
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE sandboxes (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    phase          TEXT NOT NULL CHECK (phase IN ('creating', 'ready', 'deleting')),
+    keep           INTEGER NOT NULL,
+    policy_source  TEXT NOT NULL,
+    static_policy  TEXT NOT NULL,
+    report         TEXT,
+    created_ms     INTEGER NOT NULL
+);
+CREATE TABLE policy_revisions (
+    id          INTEGER PRIMARY KEY,
+    sandbox_id  INTEGER REFERENCES sandboxes(id) ON DELETE CASCADE, -- NULL: the global policy
+    version     INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'loaded', 'failed', 'superseded')),
+    error       TEXT,
+    created_ms  INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX policy_revisions_scope_version ON policy_revisions (ifnull(sandbox_id, 0), version);
+CREATE TABLE settings (
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE TABLE decisions (
+    id          INTEGER PRIMARY KEY,
+    time_ms     INTEGER NOT NULL,
+    sandbox     TEXT NOT NULL,
+    decision    TEXT NOT NULL,
+    binary      TEXT,
+    pid         INTEGER,
+    ancestors   TEXT NOT NULL, -- JSON array, nearest ancestor first
+    host        TEXT,
+    ip          TEXT,
+    port        INTEGER,
+    block       TEXT,
+    reason      TEXT NOT NULL,
+    revision    INTEGER
+);
+CREATE INDEX decisions_sandbox_time ON decisions (sandbox, time_ms);
+"];
+
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The settings scope of a sandbox.
+fn sandbox_scope(name: &str) -> String {
+    format!("sandbox:{name}")
+}
+
+fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sql { action, source }
+}
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
+        migrate(&mut conn, path)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction behind (rusqlite
+        // rolls back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql("reading schema version"))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: PathBuf::from(path),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn.transaction().map_err(sql("starting migration"))?;
+        tx.execute_batch(migration)
+            .map_err(sql("migrating schema"))?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(sql("setting schema version"))?;
+        tx.commit().map_err(sql("committing migration"))?;
+    }
+    Ok(())
+}
+
+const SANDBOX_COLUMNS: &str = "name, phase, keep, policy_source, static_policy, report, created_ms";
+
+fn sandbox_row(row: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
+    let phase: String = row.get(1)?;
+    Ok((
+        SandboxRecord {
+            name: row.get(0)?,
+            phase: Phase::Creating,
+            keep: row.get(2)?,
+            policy_source: row.get(3)?,
+            static_policy: row.get(4)?,
+            report: row.get(5)?,
+            created_ms: row.get(6)?,
+        },
+        phase,
+    ))
+}
+
+fn with_phase((mut rec, phase): (SandboxRecord, String)) -> Result<SandboxRecord, StoreError> {
+    rec.phase = Phase::parse(&phase).ok_or(StoreError::Corrupt {
+        what: "sandboxes.phase",
+        value: phase,
+    })?;
+    Ok(rec)
+}
+
+const REVISION_COLUMNS: &str =
+    "s.name, r.version, r.sha256, r.policy, r.status, r.error, r.created_ms";
+
+fn revision_row(row: &Row<'_>) -> rusqlite::Result<(PolicyRevision, String)> {
+    Ok((
+        PolicyRevision {
+            sandbox: row.get(0)?,
+            version: row.get(1)?,
+            sha256: row.get(2)?,
+            policy: row.get(3)?,
+            status: RevisionStatus::Pending,
+            error: row.get(5)?,
+            created_ms: row.get(6)?,
+        },
+        row.get(4)?,
+    ))
+}
+
+fn sandbox_id(conn: &Connection, name: Option<&str>) -> Result<Option<i64>, StoreError> {
+    let Some(name) = name else { return Ok(None) };
+    conn.query_row("SELECT id FROM sandboxes WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map_err(sql("looking up sandbox"))?
+    .map(Some)
+    .ok_or_else(|| StoreError::NoSuchSandbox {
+        name: name.to_owned(),
+    })
+}
+
+impl Store for SqliteStore {
+    fn insert_sandbox(&self, new: &NewSandbox) -> Result<SandboxRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting transaction"))?;
+        let inserted = tx.execute(
+            "INSERT INTO sandboxes (name, phase, keep, policy_source, static_policy, created_ms)
+             VALUES (?1, 'creating', ?2, ?3, ?4, ?5)",
+            params![
+                new.name,
+                new.keep,
+                new.policy_source,
+                new.static_policy,
+                new.created_ms
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                return Err(StoreError::SandboxExists {
+                    name: new.name.clone(),
+                });
+            }
+            Err(e) => return Err(sql("inserting sandbox")(e)),
+        }
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO policy_revisions (sandbox_id, version, sha256, policy, status, created_ms)
+             VALUES (?1, 1, ?2, ?3, 'pending', ?4)",
+            params![id, new.policy_sha256, new.policy_text, new.created_ms],
+        )
+        .map_err(sql("inserting policy revision"))?;
+        tx.commit().map_err(sql("committing sandbox"))?;
+        Ok(SandboxRecord {
+            name: new.name.clone(),
+            phase: Phase::Creating,
+            keep: new.keep,
+            policy_source: new.policy_source.clone(),
+            static_policy: new.static_policy.clone(),
+            report: None,
+            created_ms: new.created_ms,
+        })
+    }
+
+    fn set_phase(&self, name: &str, phase: Phase) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET phase = ?2 WHERE name = ?1",
+                params![name, phase.as_str()],
+            )
+            .map_err(sql("updating sandbox phase"))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchSandbox {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_report(&self, name: &str, report_json: &str) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET report = ?2 WHERE name = ?1",
+                params![name, report_json],
+            )
+            .map_err(sql("updating enforcement report"))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchSandbox {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn sandbox(&self, name: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE name = ?1"),
+                [name],
+                sandbox_row,
+            )
+            .optional()
+            .map_err(sql("reading sandbox"))?
+            .map(with_phase)
+            .transpose()
+    }
+
+    fn sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY name"
+            ))
+            .map_err(sql("listing sandboxes"))?;
+        let rows = stmt
+            .query_map([], sandbox_row)
+            .map_err(sql("listing sandboxes"))?;
+        rows.map(|r| with_phase(r.map_err(sql("listing sandboxes"))?))
+            .collect()
+    }
+
+    fn delete_sandbox(&self, name: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting transaction"))?;
+        tx.execute("DELETE FROM sandboxes WHERE name = ?1", [name])
+            .map_err(sql("deleting sandbox"))?;
+        tx.execute(
+            "DELETE FROM settings WHERE scope = ?1",
+            [sandbox_scope(name)],
+        )
+        .map_err(sql("deleting sandbox settings"))?;
+        tx.execute("DELETE FROM decisions WHERE sandbox = ?1", [name])
+            .map_err(sql("deleting decision log"))?;
+        tx.commit().map_err(sql("committing delete"))
+    }
+
+    fn add_revision(
+        &self,
+        sandbox: Option<&str>,
+        policy: &str,
+        sha256: &str,
+        created_ms: i64,
+    ) -> Result<PolicyRevision, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting transaction"))?;
+        let id = sandbox_id(&tx, sandbox)?;
+        let version: i64 = tx
+            .query_row(
+                "SELECT ifnull(max(version), 0) + 1 FROM policy_revisions WHERE sandbox_id IS ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(sql("numbering policy revision"))?;
+        tx.execute(
+            "INSERT INTO policy_revisions (sandbox_id, version, sha256, policy, status, created_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+            params![id, version, sha256, policy, created_ms],
+        )
+        .map_err(sql("inserting policy revision"))?;
+        tx.commit().map_err(sql("committing policy revision"))?;
+        Ok(PolicyRevision {
+            sandbox: sandbox.map(str::to_owned),
+            version,
+            sha256: sha256.to_owned(),
+            policy: policy.to_owned(),
+            status: RevisionStatus::Pending,
+            error: None,
+            created_ms,
+        })
+    }
+
+    fn set_revision_status(
+        &self,
+        sandbox: Option<&str>,
+        version: i64,
+        status: RevisionStatus,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting transaction"))?;
+        let id = sandbox_id(&tx, sandbox)?;
+        if status == RevisionStatus::Loaded {
+            tx.execute(
+                "UPDATE policy_revisions SET status = 'superseded'
+                 WHERE sandbox_id IS ?1 AND version < ?2 AND status IN ('loaded', 'pending')",
+                params![id, version],
+            )
+            .map_err(sql("superseding policy revisions"))?;
+        }
+        tx.execute(
+            "UPDATE policy_revisions SET status = ?3, error = ?4 WHERE sandbox_id IS ?1 AND version = ?2",
+            params![id, version, status.as_str(), error],
+        )
+        .map_err(sql("updating policy revision"))?;
+        tx.commit().map_err(sql("committing policy revision"))
+    }
+
+    fn revisions(&self, sandbox: Option<&str>) -> Result<Vec<PolicyRevision>, StoreError> {
+        let conn = self.conn();
+        let id = sandbox_id(&conn, sandbox)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {REVISION_COLUMNS} FROM policy_revisions r
+                 LEFT JOIN sandboxes s ON s.id = r.sandbox_id
+                 WHERE r.sandbox_id IS ?1 ORDER BY r.version DESC"
+            ))
+            .map_err(sql("listing policy revisions"))?;
+        let rows = stmt
+            .query_map([id], revision_row)
+            .map_err(sql("listing policy revisions"))?;
+        rows.map(|r| {
+            let (mut rev, status) = r.map_err(sql("listing policy revisions"))?;
+            rev.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
+                what: "policy_revisions.status",
+                value: status,
+            })?;
+            Ok(rev)
+        })
+        .collect()
+    }
+
+    fn setting(&self, scope: &str, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT value FROM settings WHERE scope = ?1 AND key = ?2",
+                [scope, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading setting"))
+    }
+
+    fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO settings (scope, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+                [scope, key, value],
+            )
+            .map_err(sql("writing setting"))?;
+        Ok(())
+    }
+
+    fn delete_setting(&self, scope: &str, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM settings WHERE scope = ?1 AND key = ?2",
+                [scope, key],
+            )
+            .map_err(sql("deleting setting"))?;
+        Ok(())
+    }
+
+    fn append_decisions(&self, decisions: &[DecisionRecord]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting transaction"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO decisions (time_ms, sandbox, decision, binary, pid, ancestors,
+                                            host, ip, port, block, reason, revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
+                .map_err(sql("logging decisions"))?;
+            for d in decisions {
+                let ancestors =
+                    serde_json::to_string(&d.ancestors).unwrap_or_else(|_| "[]".to_owned());
+                stmt.execute(params![
+                    d.time_ms, d.sandbox, d.decision, d.binary, d.pid, ancestors, d.host, d.ip,
+                    d.port, d.block, d.reason, d.revision
+                ])
+                .map_err(sql("logging decisions"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing decisions"))
+    }
+
+    fn decisions(&self, sandbox: &str, limit: usize) -> Result<Vec<DecisionRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT time_ms, sandbox, decision, binary, pid, ancestors, host, ip, port, block,
+                        reason, revision
+                 FROM decisions WHERE sandbox = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(sql("reading decision log"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![sandbox, limit], |r| {
+                let ancestors: String = r.get(5)?;
+                Ok(DecisionRecord {
+                    time_ms: r.get(0)?,
+                    sandbox: r.get(1)?,
+                    decision: r.get(2)?,
+                    binary: r.get(3)?,
+                    pid: r.get(4)?,
+                    ancestors: serde_json::from_str(&ancestors).unwrap_or_default(),
+                    host: r.get(6)?,
+                    ip: r.get(7)?,
+                    port: r.get(8)?,
+                    block: r.get(9)?,
+                    reason: r.get(10)?,
+                    revision: r.get(11)?,
+                })
+            })
+            .map_err(sql("reading decision log"))?;
+        let mut out = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("reading decision log"))?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(name: &str) -> NewSandbox {
+        NewSandbox {
+            name: name.to_owned(),
+            keep: true,
+            policy_source: "default".to_owned(),
+            static_policy: "{}".to_owned(),
+            policy_text: "version: 1\n".to_owned(),
+            policy_sha256: "ab".to_owned(),
+            created_ms: 1,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn sandbox_round_trip_survives_reopen() {
+        let (dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        store.set_phase("a", Phase::Ready).unwrap();
+        store.set_report("a", "{\"x\":1}").unwrap();
+        drop(store);
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = store.sandbox("a").unwrap().unwrap();
+        assert_eq!(a.phase, Phase::Ready);
+        assert_eq!(a.report.as_deref(), Some("{\"x\":1}"));
+        assert_eq!(store.revisions(Some("a")).unwrap().len(), 1);
+        let mode: String = store
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn duplicate_name_is_refused() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        assert!(matches!(
+            store.insert_sandbox(&new("a")),
+            Err(StoreError::SandboxExists { .. })
+        ));
+    }
+
+    #[test]
+    fn delete_removes_everything_of_the_sandbox() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        store.insert_sandbox(&new("b")).unwrap();
+        store.put_setting("sandbox:a", "k", "v").unwrap();
+        let d = DecisionRecord {
+            time_ms: 5,
+            sandbox: "a".into(),
+            decision: "deny".into(),
+            binary: Some("/usr/bin/curl".into()),
+            pid: Some(7),
+            ancestors: vec!["/usr/bin/bash".into()],
+            host: Some("example.com".into()),
+            ip: None,
+            port: Some(443),
+            block: None,
+            reason: "no block matched".into(),
+            revision: Some(1),
+        };
+        store.append_decisions(std::slice::from_ref(&d)).unwrap();
+        assert_eq!(store.decisions("a", 10).unwrap(), vec![d]);
+        store.delete_sandbox("a").unwrap();
+        assert!(store.sandbox("a").unwrap().is_none());
+        assert!(store.setting("sandbox:a", "k").unwrap().is_none());
+        assert!(store.decisions("a", 10).unwrap().is_empty());
+        assert!(matches!(
+            store.revisions(Some("a")),
+            Err(StoreError::NoSuchSandbox { .. })
+        ));
+        assert_eq!(store.revisions(Some("b")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn revisions_number_and_supersede_per_scope() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        store
+            .set_revision_status(Some("a"), 1, RevisionStatus::Loaded, None)
+            .unwrap();
+        let g = store.add_revision(None, "global", "g1", 2).unwrap();
+        assert_eq!(g.version, 1);
+        let r2 = store.add_revision(Some("a"), "v2", "s2", 3).unwrap();
+        assert_eq!(r2.version, 2);
+        store
+            .set_revision_status(Some("a"), 2, RevisionStatus::Loaded, None)
+            .unwrap();
+        let r3 = store.add_revision(Some("a"), "v3", "s3", 4).unwrap();
+        store
+            .set_revision_status(Some("a"), r3.version, RevisionStatus::Failed, Some("bad"))
+            .unwrap();
+        let statuses: Vec<_> = store
+            .revisions(Some("a"))
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.version, r.status, r.error))
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                (3, RevisionStatus::Failed, Some("bad".to_owned())),
+                (2, RevisionStatus::Loaded, None),
+                (1, RevisionStatus::Superseded, None),
+            ]
+        );
+        assert_eq!(store.revisions(None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
