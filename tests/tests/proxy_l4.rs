@@ -397,3 +397,170 @@ fn child_of_a_listed_binary_is_allowed_through_the_ancestor_rule() {
         Some("/usr/bin/bash")
     );
 }
+
+#[test]
+fn open_connection_is_closed_when_a_new_generation_no_longer_allows_it() {
+    if !privileged() {
+        return;
+    }
+    use std::io::{BufRead as _, BufReader};
+    let host = pypi_host();
+    let sandbox =
+        Sandbox::new("revoke", &pypi_policy(&["/usr/bin/bash"]), host.dns.addr()).unwrap();
+    let script = "import socket\n\
+                  s = socket.create_connection(('pypi.org', 443), timeout=30)\n\
+                  print('connected', flush=True)\n\
+                  try:\n    print('eof' if s.recv(1) == b'' else 'data', flush=True)\n\
+                  except ConnectionResetError:\n    print('reset', flush=True)\n";
+    let python = python3().display().to_string();
+    let mut cmd = sandbox.command("/usr/bin/bash");
+    cmd.arg("-c")
+        .arg(format!("{python} -c \"$SCRIPT\"; true"))
+        .env("SCRIPT", script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let timeout = Duration::from_secs(20);
+    assert_eq!(rx.recv_timeout(timeout).unwrap(), "connected");
+    sandbox
+        .wait_for_record(|r| r.decision == "allow" && r.host.as_deref() == Some("pypi.org"))
+        .unwrap();
+    // Revision 2 drops pypi.org: the open connection must be reset.
+    let revised = "version: 1
+network_policies:
+  pypi:
+    name: pypi
+    endpoints:
+      - host: files.pythonhosted.org
+        port: 443
+    binaries:
+      - { path: /usr/bin/bash }
+";
+    sandbox.sandbox.set_generation(
+        openshell::proxy::Generation::from_text("policy.yaml", revised, 2).unwrap(),
+    );
+    assert_eq!(rx.recv_timeout(timeout).unwrap(), "reset");
+    let closed = sandbox
+        .wait_for_record(|r| r.revision == Some(2) && r.decision == "deny")
+        .unwrap();
+    assert!(
+        closed
+            .reason
+            .contains("open connection closed: policy revision 2 no longer allows it"),
+        "{}",
+        closed.reason
+    );
+    assert_eq!(closed.host.as_deref(), Some("pypi.org"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Puts `ip` on the namespace side of `net`'s veth pair and routes it there from the test's
+/// namespace, so the address is a host in the test's own network namespace pair and nowhere
+/// else.
+fn add_address(net: &openshell_tests::netns::TestNet, ip: std::net::Ipv4Addr) {
+    let subnet = net.ns_v4().octets()[2];
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    let with_len = format!("{ip}/32");
+    run(&[
+        "-n",
+        net.name(),
+        "addr",
+        "add",
+        &with_len,
+        "dev",
+        &format!("osh{subnet}n"),
+    ]);
+    run(&["route", "add", &with_len, "dev", &format!("osh{subnet}h")]);
+}
+
+#[test]
+fn private_address_only_through_allowed_ips() {
+    if !privileged() {
+        return;
+    }
+    let host = TestHost::new(&["internal.example.com"]).unwrap();
+    let subnet = host.net.ns_v4().octets()[2];
+    // A CGNAT address (100.64.0.0/10) on the test host, inside the test's namespace pair.
+    let cgnat = std::net::Ipv4Addr::new(100, 64, subnet, 10);
+    add_address(&host.net, cgnat);
+    let server = Counting::start(
+        host.net
+            .run(move || TcpListener::bind((cgnat, 8443)))
+            .unwrap()
+            .unwrap(),
+    );
+    host.dns.add("internal.example.com", cgnat.into());
+    let policy = |allowed_ips: &str| {
+        format!(
+            "version: 1
+network_policies:
+  internal:
+    endpoints:
+      - host: internal.example.com
+        port: 8443
+{allowed_ips}    binaries:
+      - {{ path: /usr/bin/curl }}
+"
+        )
+    };
+    // Without allowed_ips: the DNS answer is dropped, nothing is dialed, the log says why.
+    {
+        let sandbox = Sandbox::new("private-deny", &policy(""), host.dns.addr()).unwrap();
+        let mut cmd = sandbox.command("/usr/bin/curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            "http://internal.example.com:8443/",
+        ]);
+        let out = sandbox.run(cmd).unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let r = sandbox
+            .wait_for_record(|r| r.host.as_deref() == Some("internal.example.com"))
+            .unwrap();
+        assert_eq!(r.decision, "deny");
+        assert_eq!(r.ip, Some(cgnat.to_string()));
+        assert!(r.reason.contains("private"), "{}", r.reason);
+        assert_eq!(server.accepted(), 0);
+    }
+    // With allowed_ips covering it: allowed and dialed.
+    let sandbox = Sandbox::new(
+        "private-allow",
+        &policy("        allowed_ips: [\"100.64.0.0/10\"]\n"),
+        host.dns.addr(),
+    )
+    .unwrap();
+    let mut cmd = sandbox.command("/usr/bin/curl");
+    // The server accepts and says nothing; curl times out after the connection was made.
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "2",
+        "http://internal.example.com:8443/",
+    ]);
+    let _ = sandbox.run(cmd).unwrap();
+    let r = sandbox
+        .wait_for_record(|r| r.host.as_deref() == Some("internal.example.com"))
+        .unwrap();
+    assert_eq!(r.decision, "allow", "{r:?}");
+    assert_eq!(r.ip, Some(cgnat.to_string()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.accepted() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(server.accepted(), 1);
+}
