@@ -4,7 +4,8 @@
 //! - `connect4`/`connect6`: TCP is recorded under the socket cookie and rewritten to the
 //!   transparent listener; UDP to port 53 goes to the DNS listener; other UDP gets EPERM.
 //! - `sock_ops` (TCP_CONNECT_CB): copies the record under the client's source address and port,
-//!   which is what the proxy sees after `accept()`.
+//!   which is what the proxy sees after `accept()`; (STATE_CB) drops it again if the handshake
+//!   fails, since the proxy never accepts such a connection.
 //! - `sendmsg4`/`sendmsg6`: unconnected UDP, same rule as UDP connect.
 //! - `recvmsg4`/`recvmsg6`: answers from the DNS listener carry the resolver's address again.
 //! - `getpeername4`/`getpeername6`: the program sees the destination it asked for.
@@ -17,7 +18,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
@@ -189,8 +193,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
             Ok(ALLOW)
         }
         Action::RedirectDns => {
+            let (addr, port) = dns_target6(cfg, &dst);
+            if port == 0 {
+                return Ok(deny(Counter::Unconfigured));
+            }
             record(ctx, cfg, dst, 0)?;
-            redirect_dns6(sa, cfg, &dst);
+            set_v6(sa, addr, port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
         }
@@ -224,8 +232,12 @@ fn try_sendmsg6(ctx: &SockAddrContext) -> Result<i32, Error> {
     let dst = Endpoint::v6(read_ip6(sa), PortBe(port).to_host());
     match sendmsg_action(cfg.is_configured(), mode(), dst.port) {
         Action::RedirectDns => {
+            let (addr, port) = dns_target6(cfg, &dst);
+            if port == 0 {
+                return Ok(deny(Counter::Unconfigured));
+            }
             remember_resolver(ctx, dst)?;
-            redirect_dns6(sa, cfg, &dst);
+            set_v6(sa, addr, port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
         }
@@ -282,24 +294,47 @@ fn try_getpeername6(ctx: &SockAddrContext) {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_by_peer(ctx),
+        BPF_SOCK_OPS_STATE_CB => forget_unaccepted(ctx),
+        _ => {}
     }
+}
+
+/// Copies the cookie-keyed record under the client's source address and port, and asks for
+/// state callbacks so [`forget_unaccepted`] can drop it if the handshake fails.
+fn rekey_by_peer(ctx: &SockOpsContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_ops` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; the LRU map may evict the entry afterwards.
-    let Some(record) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    // `local_port` is in host byte order in `bpf_sock_ops`.
+    if BY_PEER.insert(peer_key(ctx), record, 0).is_err() {
+        count(Counter::RecordFailed);
+        return;
+    }
+    // Without the callbacks a refused connect leaves its record until the LRU evicts it.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// A connect that never got past SYN_SENT (refused, timed out) was never accepted by the proxy,
+/// so nobody will look its record up: drop it. Records of established connections stay until
+/// the proxy takes them, even if the client closed first.
+fn forget_unaccepted(ctx: &SockOpsContext) {
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
+        let _ = BY_PEER.remove(peer_key(ctx));
+    }
+}
+
+/// The client's source address and port (`local_port` is in host byte order in `bpf_sock_ops`).
+fn peer_key(ctx: &SockOpsContext) -> PeerKey {
     let port = ctx.local_port() as u16;
-    let key = if ctx.family() == u32::from(AF_INET6) {
+    if ctx.family() == u32::from(AF_INET6) {
         PeerKey::v6(local_ip6(ctx), port)
     } else {
         PeerKey::v4(Ipv4Be(ctx.local_ip4()), port)
-    };
-    if BY_PEER.insert(&key, &record, 0).is_err() {
-        count(Counter::RecordFailed);
     }
 }
 
@@ -321,7 +356,7 @@ fn try_sock_release(ctx: &SockContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A missing entry is the common case (sockets that were never redirected).
-    let _ = BY_COOKIE.remove(&cookie);
+    let _ = BY_COOKIE.remove(cookie);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,7 +371,7 @@ fn mode() -> CgroupMode {
     // SAFETY: the helper takes no arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once.
-    match unsafe { MODES.get(&cgroup) } {
+    match unsafe { MODES.get(cgroup) } {
         Some(raw) => CgroupMode::from_raw(*raw),
         None => CgroupMode::Intercept,
     }
@@ -382,7 +417,7 @@ fn record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) -> Res
             None => count(Counter::ExeUnknown),
         }
     }
-    BY_COOKIE.insert(&cookie, &record, 0).map_err(|_| {
+    BY_COOKIE.insert(cookie, record, 0).map_err(|_| {
         count(Counter::RecordFailed);
         Error::Record
     })
@@ -393,7 +428,7 @@ fn remember_resolver(ctx: &SockAddrContext, dst: Endpoint) -> Result<(), Error> 
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_addr` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(existing) = unsafe { BY_COOKIE.get(&cookie) }
+    if let Some(existing) = unsafe { BY_COOKIE.get(cookie) }
         && existing.orig_dst == dst
     {
         return Ok(());
@@ -405,7 +440,7 @@ fn remember_resolver(ctx: &SockAddrContext, dst: Endpoint) -> Result<(), Error> 
         orig_dst: dst,
         ..ConnectRecord::default()
     };
-    BY_COOKIE.insert(&cookie, &record, 0).map_err(|_| {
+    BY_COOKIE.insert(cookie, record, 0).map_err(|_| {
         count(Counter::RecordFailed);
         Error::Record
     })
@@ -415,7 +450,7 @@ fn lookup_cookie(ctx: &SockAddrContext) -> Option<Endpoint> {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_addr` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    unsafe { BY_COOKIE.get(&cookie) }.map(|r| r.orig_dst)
+    unsafe { BY_COOKIE.get(cookie) }.map(|r| r.orig_dst)
 }
 
 struct ExeIdentity {
@@ -496,11 +531,13 @@ fn set_v6(sa: *mut bpf_sock_addr, addr: Ipv6Be, port: u16) {
     }
 }
 
-fn redirect_dns6(sa: *mut bpf_sock_addr, cfg: &Config, dst: &Endpoint) {
+/// The DNS listener for a destination seen by an IPv6 socket: IPv4 (mapped) resolvers go to the
+/// IPv4 listener as `::ffff:a.b.c.d`, IPv6 ones to the IPv6 listener. Port 0: not configured.
+fn dns_target6(cfg: &Config, dst: &Endpoint) -> (Ipv6Be, u16) {
     if dst.family == AF_INET {
-        set_v6(sa, Ipv6Be::mapped(cfg.dns_v4.addr), cfg.dns_v4.port);
+        (Ipv6Be::mapped(cfg.dns_v4.addr), cfg.dns_v4.port)
     } else {
-        set_v6(sa, cfg.dns_v6.addr, cfg.dns_v6.port);
+        (cfg.dns_v6.addr, cfg.dns_v6.port)
     }
 }
 

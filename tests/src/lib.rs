@@ -1,4 +1,8 @@
 //! Shared helpers for openshell's end-to-end and privileged tests.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers fail the calling test loudly when the machine is not as expected"
+)]
 
 pub mod gateway;
 
@@ -67,15 +71,11 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if let Some(cg) = self.cgroup.take() {
-            if let Err(e) = cg.remove() {
-                eprintln!("warning: removing test cgroup: {e}");
-            }
+        if let Some(Err(e)) = self.cgroup.take().map(|cg| cg.remove()) {
+            eprintln!("warning: removing test cgroup: {e}");
         }
-        if let Some(base) = self.base.take() {
-            if let Err(e) = base.remove() {
-                eprintln!("warning: removing test cgroup base: {e}");
-            }
+        if let Some(Err(e)) = self.base.take().map(|base| base.remove()) {
+            eprintln!("warning: removing test cgroup base: {e}");
         }
     }
 }

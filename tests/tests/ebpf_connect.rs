@@ -1,6 +1,8 @@
 //! Privileged tests of the eBPF interception (issue 3): real cgroups, real programs, real
 //! processes, test hosts in network namespaces. Run as root; they skip with a message otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 mod ebpf_support;
 
 use std::{net::SocketAddr, path::Path};
@@ -376,6 +378,7 @@ fn with_the_listener_closed_connects_are_refused_not_direct() -> anyhow::Result<
     let mut fx = Fixture::new("closed")?;
     let host = net.run(|| std::net::TcpListener::bind((net.ns_v4(), 443)))??;
     fx.listeners = None;
+    let before = fx.interceptor().record_counts()?;
     for dst in [
         SocketAddr::from((net.ns_v4(), 443)),
         SocketAddr::from((net.ns_v4().to_ipv6_mapped(), 443)),
@@ -394,6 +397,9 @@ fn with_the_listener_closed_connects_are_refused_not_direct() -> anyhow::Result<
         !has_pending(&host)?,
         "a connect went direct while the listener was down"
     );
+    // The refused connects leave no record for the proxy to find later.
+    assert_eq!(fx.interceptor().record_counts()?, before);
+    assert_eq!(fx.interceptor().counters()?.tcp_redirected, 2);
     Ok(())
 }
 
@@ -421,6 +427,44 @@ fn no_network_mode_refuses_everything_in_the_kernel() -> anyhow::Result<()> {
     let dst = SocketAddr::from((net.ns_v4(), 443));
     let host = net.run(|| std::net::TcpListener::bind((net.ns_v4(), 443)))??;
     check_redirect(&fx, &host, dst, dst, false)
+}
+
+#[test]
+fn records_are_released_with_their_sockets() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let net = TestNet::new()?;
+    let fx = Fixture::new("release")?;
+    let baseline = fx.interceptor().record_counts()?.sockets;
+    let dst = SocketAddr::from((net.ns_v4(), 443));
+    let mut probes = Vec::new();
+    for _ in 0..5 {
+        let mut cmd = fx.command_in_cgroup(PROBE);
+        cmd.arg("tcp").arg(dst.to_string());
+        let probe = Probe::spawn(cmd)?;
+        assert!(probe.ok(), "{}", probe.line);
+        let (conn, peer) = accept(&fx.listeners().tcp4)?;
+        probes.push((probe, conn, peer));
+    }
+    assert_eq!(fx.interceptor().record_counts()?.sockets, baseline + 5);
+    // Closing the client sockets (the probes exit) releases their records.
+    for (probe, conn, peer) in probes {
+        drop(probe);
+        drop(conn);
+        // The peer-keyed record stays for the proxy until it takes it.
+        assert!(fx.interceptor().take(peer)?.is_some());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fx.interceptor().record_counts()?.sockets != baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "socket records leaked: {} live, {baseline} before",
+            fx.interceptor().record_counts()?.sockets
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 struct TempDir {

@@ -2,9 +2,10 @@
 //! while no gateway runs (connects are refused, never direct), and the next gateway re-adopts
 //! the pins instead of attaching twice.
 //!
-//! The "gateway process" is simulated in-process: dropping the `Interceptor`, its `Attachment`
-//! and the listeners closes every file descriptor the process held on the programs, maps and
-//! links, which is what exit does; only the pins in bpffs remain.
+//! Gateway A is a real process (`ebpf-gateway`) that loads, attaches, pins and exits; the test
+//! process plays gateway B.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod ebpf_support;
 
@@ -13,6 +14,8 @@ use std::net::SocketAddr;
 use ebpf_support::{Fixture, Listeners, PROBE, Probe, accept, has_pending, privileged};
 use openshell::ebpf::{ExeId, Interceptor};
 use openshell_tests::netns::TestNet;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_ebpf-gateway");
 
 #[test]
 fn restart_keeps_enforcement_and_re_adopts_pins() -> anyhow::Result<()> {
@@ -23,11 +26,30 @@ fn restart_keeps_enforcement_and_re_adopts_pins() -> anyhow::Result<()> {
     let host = net.run(|| std::net::TcpListener::bind((net.ns_v4(), 443)))??;
     let dst = SocketAddr::from((net.ns_v4(), 443));
     let mut fx = Fixture::new("restart")?;
-
-    // Gateway A goes away: its attachment is dropped (pins stay), its maps and programs are
-    // closed, its listeners are gone.
-    drop(fx.attachment.take());
+    // The fixture's own attachment stands for nothing here: start from a bare cgroup.
+    fx.attachment.take().expect("attachment").detach()?;
     drop(fx.interceptor.take());
+    let listeners_a = Listeners::bind()?;
+    let config_a = listeners_a.config(&fx.bpffs_dir)?;
+
+    // Gateway A: a separate process that attaches, pins and exits.
+    let out = std::process::Command::new(GATEWAY)
+        .arg(fx.cgroup.path())
+        .arg(&fx.bpffs_dir)
+        .arg(config_a.tcp_v4.to_string())
+        .arg(config_a.dns_v4.to_string())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "gateway A failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "attached newly=true"
+    );
+    // A's listeners go away with it.
+    drop(listeners_a);
     drop(fx.listeners.take());
 
     let mut cmd = fx.command_in_cgroup(PROBE);
@@ -58,6 +80,10 @@ fn restart_keeps_enforcement_and_re_adopts_pins() -> anyhow::Result<()> {
     fx.listeners = Some(listeners);
 
     let before = fx.interceptor().counters()?;
+    assert_eq!(
+        before.tcp_redirected, 1,
+        "the refused connect was redirected by A's programs"
+    );
     let mut cmd = fx.command_in_cgroup(PROBE);
     cmd.arg("tcp").arg(dst.to_string());
     let probe = Probe::spawn(cmd)?;

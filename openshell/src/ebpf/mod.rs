@@ -19,11 +19,15 @@
 //! re-adopts both: the kernel keeps enforcing (connects go to the listener address, refused
 //! while nothing listens) between the old process's exit and the new one's start.
 
+mod bpffs;
 mod btf;
+mod config;
+mod error;
+mod record;
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -33,16 +37,18 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, Program, ProgramError,
+        CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
     },
 };
 pub use btf::BtfError;
+pub use config::InterceptorConfig;
+pub use error::EbpfError;
 pub use openshell_common::CgroupMode;
 use openshell_common::{
-    self as common, Config, Counter, Ipv4Be, Ipv6Be, KernelOffsets, LAYOUT_VERSION, ListenerV4,
-    ListenerV6, PeerKey, map_names,
+    self as common, Config, Counter, KernelOffsets, LAYOUT_VERSION, PeerKey, map_names,
 };
+pub use record::{ConnectRecord, Counters, ExeId, RecordCounts};
 
 /// The compiled eBPF object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/openshell"));
@@ -64,231 +70,6 @@ const PROGRAMS: [&str; 10] = [
     "openshell_sendmsg4",
     "openshell_sendmsg6",
 ];
-
-/// Errors of the eBPF layer. Each says what failed and on which object.
-#[derive(Debug, thiserror::Error)]
-pub enum EbpfError {
-    #[error("loading the openshell eBPF object failed (are you root on a kernel with BTF?)")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("eBPF program `{program}`: {source}")]
-    Program {
-        program: &'static str,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    #[error("eBPF program `{program}` is missing from the object or has the wrong type")]
-    MissingProgram { program: &'static str },
-    #[error("eBPF map `{map}`: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: Box<MapError>,
-    },
-    #[error("eBPF map `{map}` is missing from the object")]
-    MissingMap { map: &'static str },
-    #[error("reading kernel BTF from {VMLINUX_BTF}: {0}")]
-    BtfRead(#[source] std::io::Error),
-    #[error("kernel BTF at {VMLINUX_BTF}: {0}")]
-    Btf(#[from] BtfError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("pinning or opening link {path}: {message}")]
-    Pin { path: PathBuf, message: String },
-    #[error(
-        "{path} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or \
-         choose a pin directory under an existing bpffs mount"
-    )]
-    NotBpffs { path: PathBuf },
-    #[error("mounting bpffs at {path}: {source}")]
-    MountBpffs {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a cgroup v2 directory")]
-    NotACgroup { path: PathBuf },
-    #[error("{what}: port 0 is not a usable listener port")]
-    ZeroPort { what: &'static str },
-}
-
-impl EbpfError {
-    fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-
-    fn map(map: &'static str, source: MapError) -> Self {
-        Self::Map {
-            map,
-            source: Box::new(source),
-        }
-    }
-
-    fn program(program: &'static str, source: ProgramError) -> Self {
-        Self::Program {
-            program,
-            source: Box::new(source),
-        }
-    }
-}
-
-/// Where the kernel sends what it intercepts, and where pins live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InterceptorConfig {
-    /// Transparent TCP listener for IPv4 destinations (and IPv4-mapped ones on IPv6 sockets,
-    /// which are sent to `::ffff:<this address>`). Usually `127.0.0.1:<port>`.
-    pub tcp_v4: SocketAddrV4,
-    /// Transparent TCP listener for IPv6 destinations, usually `[::1]:<port>`. `None` refuses
-    /// IPv6 connects (EPERM).
-    pub tcp_v6: Option<SocketAddrV6>,
-    /// DNS listener (UDP) for IPv4 resolvers, usually `127.0.0.1:<port>`.
-    pub dns_v4: SocketAddrV4,
-    /// DNS listener (UDP) for IPv6 resolvers. `None` refuses DNS to IPv6 resolvers.
-    pub dns_v6: Option<SocketAddrV6>,
-    /// bpffs directory for pins, e.g. `/sys/fs/bpf/openshell`; tests use their own.
-    pub bpffs_dir: PathBuf,
-    /// Turn the programs' debug logs on (they go to the `log` crate through
-    /// [`Interceptor::flush_logs`]). Off by default: logging costs time on every connect.
-    pub debug_logs: bool,
-}
-
-impl InterceptorConfig {
-    /// A configuration with IPv4 listeners only, pins under `bpffs_dir`.
-    #[must_use]
-    pub fn new(tcp_v4: SocketAddrV4, dns_v4: SocketAddrV4, bpffs_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            tcp_v4,
-            tcp_v6: None,
-            dns_v4,
-            dns_v6: None,
-            bpffs_dir: bpffs_dir.into(),
-            debug_logs: false,
-        }
-    }
-
-    fn to_kernel(&self, offsets: KernelOffsets) -> Result<Config, EbpfError> {
-        fn v4(what: &'static str, a: SocketAddrV4) -> Result<ListenerV4, EbpfError> {
-            if a.port() == 0 {
-                return Err(EbpfError::ZeroPort { what });
-            }
-            Ok(ListenerV4 {
-                addr: Ipv4Be::from_octets(a.ip().octets()),
-                port: a.port(),
-                _pad: 0,
-            })
-        }
-        fn v6(what: &'static str, a: Option<SocketAddrV6>) -> Result<ListenerV6, EbpfError> {
-            let Some(a) = a else {
-                return Ok(ListenerV6::default());
-            };
-            if a.port() == 0 {
-                return Err(EbpfError::ZeroPort { what });
-            }
-            Ok(ListenerV6 {
-                addr: Ipv6Be::from_octets(a.ip().octets()),
-                port: a.port(),
-                _pad: 0,
-            })
-        }
-        Ok(Config {
-            tcp_v4: v4("tcp_v4 listener", self.tcp_v4)?,
-            dns_v4: v4("dns_v4 listener", self.dns_v4)?,
-            tcp_v6: v6("tcp_v6 listener", self.tcp_v6)?,
-            dns_v6: v6("dns_v6 listener", self.dns_v6)?,
-            offsets,
-            flags: Config::FLAG_CONFIGURED,
-            _reserved: 0,
-        })
-    }
-}
-
-/// The identity of an executable file: what `stat(2)` reports as `st_dev` and `st_ino`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ExeId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl ExeId {
-    /// The identity of the file at `path` (following symlinks, as `execve` does).
-    pub fn of_path(path: &Path) -> std::io::Result<Self> {
-        let meta = fs::metadata(path)?;
-        Ok(Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
-}
-
-/// What the kernel recorded when a sandboxed process called `connect()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectRecord {
-    /// The destination the process asked for (IPv4-mapped IPv6 destinations are IPv4).
-    pub original_dst: SocketAddr,
-    /// Process id (thread group id) of the caller.
-    pub tgid: u32,
-    /// Process id of the caller's parent, when the kernel could read it.
-    pub parent_tgid: Option<u32>,
-    pub uid: u32,
-    pub gid: u32,
-    /// cgroup v2 id of the caller (the inode number of its cgroup directory).
-    pub cgroup_id: u64,
-    /// The caller's executable at connect time, when the kernel could read it.
-    pub exe: Option<ExeId>,
-    /// Socket cookie of the client socket.
-    pub cookie: u64,
-}
-
-impl From<common::ConnectRecord> for ConnectRecord {
-    fn from(r: common::ConnectRecord) -> Self {
-        let port = r.orig_dst.port;
-        let original_dst = match r.orig_dst.as_v4() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(v4.octets())), port),
-            None => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(r.orig_dst.addr.octets())), port),
-        };
-        let has_exe = r.has_exe();
-        Self {
-            original_dst,
-            tgid: r.tgid,
-            parent_tgid: has_exe.then_some(r.parent_tgid),
-            uid: r.uid,
-            gid: r.gid,
-            cgroup_id: r.cgroup_id,
-            exe: has_exe.then_some(ExeId {
-                dev: r.exe_dev.to_userspace(),
-                ino: r.exe_ino,
-            }),
-            cookie: r.cookie,
-        }
-    }
-}
-
-/// The key under which `sock_ops` stored the record of a client with source address `peer`.
-fn peer_key(peer: SocketAddr) -> PeerKey {
-    match peer {
-        SocketAddr::V4(a) => PeerKey::v4(Ipv4Be::from_octets(a.ip().octets()), a.port()),
-        SocketAddr::V6(a) => PeerKey::v6(Ipv6Be::from_octets(a.ip().octets()), a.port()),
-    }
-}
-
-/// Totals of the decisions the kernel took alone, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub tcp_redirected: u64,
-    pub dns_redirected: u64,
-    pub udp_denied: u64,
-    pub no_network_denied: u64,
-    pub unconfigured: u64,
-    pub other_protocol_denied: u64,
-    pub record_failed: u64,
-    pub exe_unknown: u64,
-}
 
 /// The programs attached to one cgroup, pinned. Dropping an `Attachment` keeps the programs
 /// attached (that is what lets enforcement survive a gateway restart); [`Attachment::detach`]
@@ -333,6 +114,7 @@ pub struct Interceptor {
     ebpf: Ebpf,
     config_map: Array<MapData, Config>,
     by_peer: Mutex<HashMap<MapData, PeerKey, common::ConnectRecord>>,
+    by_cookie: HashMap<MapData, u64, common::ConnectRecord>,
     modes: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -354,7 +136,7 @@ impl Interceptor {
     pub fn load(config: &InterceptorConfig) -> Result<Self, EbpfError> {
         let offsets = kernel_offsets()?;
         let kernel_config = config.to_kernel(offsets)?;
-        ensure_bpffs(&config.bpffs_dir)?;
+        bpffs::ensure_bpffs(&config.bpffs_dir)?;
         let root = config.bpffs_dir.join(format!("v{LAYOUT_VERSION}"));
         let maps_dir = root.join("maps");
         fs::create_dir_all(&maps_dir).map_err(|e| EbpfError::io(&maps_dir, e))?;
@@ -369,7 +151,7 @@ impl Interceptor {
             0
         };
         let mut loader = EbpfLoader::new();
-        loader.override_global(aya_log::LEVEL, &log_level, false);
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -380,23 +162,23 @@ impl Interceptor {
         for name in PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
-        let logger = if config.debug_logs {
-            aya_log::EbpfLogger::init(&mut ebpf).ok()
-        } else {
-            None
-        };
+        // The reader exists either way; whether the programs write anything is decided in the
+        // kernel by AYA_LOG_LEVEL above, so "off" costs one branch per log statement.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
         config_map
             .set(0, kernel_config, 0)
             .map_err(|e| EbpfError::map(map_names::CONFIG, e))?;
         let by_peer = take_map(&mut ebpf, map_names::BY_PEER)?;
+        let by_cookie = take_map(&mut ebpf, map_names::BY_COOKIE)?;
         let modes = take_map(&mut ebpf, map_names::MODES)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         Ok(Self {
             ebpf,
             config_map,
             by_peer: Mutex::new(by_peer),
+            by_cookie,
             modes: Mutex::new(modes),
             counters,
             logger,
@@ -467,7 +249,9 @@ impl Interceptor {
         }
     }
 
-    /// Sets what the kernel does for processes in `cgroup_dir` (see [`CgroupMode`]).
+    /// Sets what the kernel does for processes in `cgroup_dir` (see [`CgroupMode`]). The mode
+    /// applies to processes directly in that cgroup; processes in a child cgroup of it get the
+    /// default ([`CgroupMode::Intercept`]), which still sends everything through the proxy.
     pub fn set_mode(&self, cgroup_dir: &Path, mode: CgroupMode) -> Result<(), EbpfError> {
         let cgroup_id = cgroup_id(cgroup_dir)?;
         let mut modes = self
@@ -492,7 +276,7 @@ impl Interceptor {
             .by_peer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match by_peer.get(&peer_key(peer), 0) {
+        match by_peer.get(&record::peer_key(peer), 0) {
             Ok(r) => Ok(Some(r.into())),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(EbpfError::map(map_names::BY_PEER, e)),
@@ -503,7 +287,7 @@ impl Interceptor {
     /// same source port can never be confused with this one. The proxy calls this once per
     /// accepted connection.
     pub fn take(&self, peer: SocketAddr) -> Result<Option<ConnectRecord>, EbpfError> {
-        let key = peer_key(peer);
+        let key = record::peer_key(peer);
         let mut by_peer = self
             .by_peer
             .lock()
@@ -517,6 +301,26 @@ impl Interceptor {
             Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::BY_PEER, e)),
             _ => Ok(Some(record.into())),
         }
+    }
+
+    /// How many records the kernel keeps right now (diagnostics, and the tests that show
+    /// records do not leak).
+    pub fn record_counts(&self) -> Result<RecordCounts, EbpfError> {
+        let mut sockets = 0;
+        for key in self.by_cookie.keys() {
+            key.map_err(|e| EbpfError::map(map_names::BY_COOKIE, e))?;
+            sockets += 1;
+        }
+        let by_peer = self
+            .by_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut peers = 0;
+        for key in by_peer.keys() {
+            key.map_err(|e| EbpfError::map(map_names::BY_PEER, e))?;
+            peers += 1;
+        }
+        Ok(RecordCounts { sockets, peers })
     }
 
     /// The kernel's decision counters, summed over CPUs.
@@ -551,7 +355,7 @@ impl Interceptor {
         })
     }
 
-    /// Forwards the programs' pending debug logs to the `log` crate (no-op unless
+    /// Forwards the programs' pending debug logs to the `log` crate (there are none unless
     /// [`InterceptorConfig::debug_logs`] was set).
     pub fn flush_logs(&mut self) {
         if let Some(logger) = &mut self.logger {
@@ -649,6 +453,12 @@ fn is_not_found(e: &MapError) -> bool {
     }
 }
 
+// The proxy shares one Interceptor between its tasks.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Interceptor>();
+};
+
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
     let program = ebpf
         .program_mut(name)
@@ -691,81 +501,6 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), EbpfError> {
     }
 }
 
-/// The conventional bpffs mount point, which systemd mounts at boot on most distributions.
-const BPFFS_MOUNT: &str = "/sys/fs/bpf";
-/// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Checks that `dir` (or its nearest existing ancestor) is on bpffs. When that ancestor is the
-/// conventional `/sys/fs/bpf` and nothing is mounted there yet, mounts bpffs, as systemd does.
-fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
-    let existing = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| Path::new("/"));
-    if is_bpffs(existing)? {
-        return Ok(());
-    }
-    if existing != Path::new(BPFFS_MOUNT) {
-        return Err(EbpfError::NotBpffs {
-            path: dir.to_path_buf(),
-        });
-    }
-    mount_bpffs(existing)?;
-    if is_bpffs(existing)? {
-        Ok(())
-    } else {
-        Err(EbpfError::NotBpffs {
-            path: dir.to_path_buf(),
-        })
-    }
-}
-
-fn is_bpffs(path: &Path) -> Result<bool, EbpfError> {
-    let c_path = path_cstring(path)?;
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c_path` is a valid NUL-terminated path and `stat` is large enough for the result.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(EbpfError::io(path, std::io::Error::last_os_error()));
-    }
-    // SAFETY: statfs returned 0, so it filled `stat`.
-    let stat = unsafe { stat.assume_init() };
-    Ok(i64::from(stat.f_type) == BPF_FS_MAGIC)
-}
-
-fn mount_bpffs(path: &Path) -> Result<(), EbpfError> {
-    let c_path = path_cstring(path)?;
-    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c_path.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(EbpfError::MountBpffs {
-            path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        })
-    }
-}
-
-fn path_cstring(path: &Path) -> Result<std::ffi::CString, EbpfError> {
-    use std::os::unix::ffi::OsStrExt as _;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        EbpfError::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"),
-        )
-    })
-}
-
 /// Resolves the kernel structure offsets the connect programs follow.
 fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
     let data = fs::read(VMLINUX_BTF).map_err(EbpfError::BtfRead)?;
@@ -780,77 +515,4 @@ fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
         inode_i_ino: btf.member_offset("inode", "i_ino", 8)?,
         sb_s_dev: btf.member_offset("super_block", "s_dev", 4)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peer_keys_of_v4_and_mapped_v6_agree() {
-        let v4: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
-        assert_eq!(peer_key(v4), peer_key(mapped));
-        let v6: SocketAddr = "[::1]:40000".parse().unwrap();
-        assert_ne!(peer_key(v4), peer_key(v6));
-    }
-
-    #[test]
-    fn record_conversion() {
-        let raw = common::ConnectRecord {
-            cookie: 9,
-            cgroup_id: 77,
-            exe_ino: 1234,
-            exe_dev: common::KernelDev((8 << 20) | 1),
-            tgid: 100,
-            parent_tgid: 1,
-            uid: 1000,
-            gid: 1001,
-            flags: common::ConnectRecord::FLAG_EXE | common::ConnectRecord::FLAG_TCP,
-            orig_dst: common::Endpoint::v4(Ipv4Be::from_octets([198, 18, 0, 10]), 443),
-            _pad: 0,
-        };
-        let r = ConnectRecord::from(raw);
-        assert_eq!(r.original_dst, "198.18.0.10:443".parse().unwrap());
-        assert_eq!(
-            r.exe,
-            Some(ExeId {
-                dev: 0x801,
-                ino: 1234
-            })
-        );
-        assert_eq!(r.parent_tgid, Some(1));
-        let no_exe = ConnectRecord::from(common::ConnectRecord { flags: 0, ..raw });
-        assert_eq!(no_exe.exe, None);
-        assert_eq!(no_exe.parent_tgid, None);
-    }
-
-    #[test]
-    fn config_rejects_port_zero() {
-        let c = InterceptorConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:53".parse().unwrap(),
-            "/nonexistent",
-        );
-        assert!(matches!(
-            c.to_kernel(KernelOffsets::default()),
-            Err(EbpfError::ZeroPort { .. })
-        ));
-    }
-
-    #[test]
-    fn config_layout() {
-        let mut c = InterceptorConfig::new(
-            "127.0.0.1:15001".parse().unwrap(),
-            "127.0.0.1:15053".parse().unwrap(),
-            "/nonexistent",
-        );
-        c.tcp_v6 = Some("[::1]:15001".parse().unwrap());
-        let k = c.to_kernel(KernelOffsets::default()).unwrap();
-        assert!(k.is_configured());
-        assert_eq!(k.tcp_v4.addr.octets(), [127, 0, 0, 1]);
-        assert_eq!(k.tcp_v4.port, 15001);
-        assert_eq!(k.tcp_v6.addr.octets()[15], 1);
-        assert_eq!(k.dns_v6.port, 0);
-    }
 }

@@ -88,6 +88,14 @@ pub struct Fixture {
 impl Fixture {
     /// `name` must be unique among the tests of one binary.
     pub fn new(name: &str) -> anyhow::Result<Self> {
+        Self::with_config(name, |_| {})
+    }
+
+    /// As [`Fixture::new`], letting the test adjust the interceptor's configuration.
+    pub fn with_config(
+        name: &str,
+        adjust: impl FnOnce(&mut InterceptorConfig),
+    ) -> anyhow::Result<Self> {
         let base = CgroupBase::open(CGROUP_BASE)?;
         let unique = format!("{name}-{}", std::process::id());
         let cgroup = base.sandbox(&unique)?;
@@ -100,8 +108,9 @@ impl Fixture {
             bpffs_dir,
         };
         let listeners = Listeners::bind()?;
-        let mut interceptor = Interceptor::load(&listeners.config(&fixture.bpffs_dir)?)
-            .context("loading the interceptor")?;
+        let mut config = listeners.config(&fixture.bpffs_dir)?;
+        adjust(&mut config);
+        let mut interceptor = Interceptor::load(&config).context("loading the interceptor")?;
         fixture.attachment = Some(interceptor.attach(fixture.cgroup.path())?);
         fixture.interceptor = Some(interceptor);
         fixture.listeners = Some(listeners);
