@@ -117,19 +117,32 @@ impl Client {
     /// Makes sure a gateway runs, starting one in the background (and saying so on stderr)
     /// when none does.
     pub fn ensure_running(&self) -> Result<(), ClientError> {
-        if self.is_running() {
-            return Ok(());
+        let start = Instant::now();
+        loop {
+            if self.is_running() {
+                return Ok(());
+            }
+            // A held lock without a socket is a gateway starting up (or one that was just
+            // killed and is still being torn down): wait for it, bounded.
+            if !GatewayLock::is_held(&self.paths) {
+                let pid = self.start_background()?;
+                eprintln!(
+                    "openshell: no gateway was running; started one in the background (pid {pid}, log {})",
+                    self.paths.log_file().display()
+                );
+                return Ok(());
+            }
+            if start.elapsed() > START_TIMEOUT {
+                return Err(ClientError::Start {
+                    message: format!(
+                        "a gateway holds {} but does not answer on {}",
+                        self.paths.lock_file().display(),
+                        self.paths.socket().display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if GatewayLock::is_held(&self.paths) {
-            // Another CLI is starting it; wait for its socket.
-            return self.wait_until_up(None);
-        }
-        let pid = self.start_background()?;
-        eprintln!(
-            "openshell: no gateway was running; started one in the background (pid {pid}, log {})",
-            self.paths.log_file().display()
-        );
-        Ok(())
     }
 
     /// Starts `openshell gateway start --foreground` detached, logging to the state directory,
@@ -169,21 +182,19 @@ impl Client {
         let mut child = command
             .spawn()
             .map_err(|e| start_err(format!("spawning the gateway: {e}")))?;
-        self.wait_until_up(Some(&mut child))?;
+        self.wait_until_up(&mut child)?;
         Ok(child.id())
     }
 
-    fn wait_until_up(
-        &self,
-        mut child: Option<&mut std::process::Child>,
-    ) -> Result<(), ClientError> {
+    fn wait_until_up(&self, child: &mut std::process::Child) -> Result<(), ClientError> {
         let start = Instant::now();
         while start.elapsed() < START_TIMEOUT {
             if self.is_running() {
                 return Ok(());
             }
-            if let Some(child) = child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
+            // Our gateway exited: fine if another one (started concurrently) holds the lock.
+            if let Ok(Some(status)) = child.try_wait()
+                && !GatewayLock::is_held(&self.paths)
             {
                 return Err(ClientError::Start {
                     message: format!(

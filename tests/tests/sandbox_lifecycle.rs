@@ -290,7 +290,20 @@ fn redact(text: &str, gw: &TestGateway) -> Result<String> {
     let lines: Vec<String> = out
         .lines()
         .map(|l| {
-            if l.starts_with("Created:") {
+            if l.trim_start().starts_with("identity:") {
+                // uid and gid of the `sandbox` account differ between hosts.
+                l.split(' ')
+                    .map(|w| {
+                        let digits = w.trim_end_matches(',');
+                        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                            w.replace(digits, "[ID]")
+                        } else {
+                            w.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else if l.starts_with("Created:") {
                 "Created:    [TIME]".to_owned()
             } else if l.starts_with("snap ") {
                 // The AGE column (last, unpadded) of the list table.
@@ -443,5 +456,34 @@ fn a_command_that_cannot_start_fails_create_and_leaves_nothing() -> Result<()> {
     let list = gw.run(&["sandbox", "list", "-o", "json"])?.ok()?.json()?;
     assert!(names(&list).is_empty(), "{list}");
     assert!(!gw.cgroup_dir("bad")?.exists());
+    Ok(())
+}
+
+#[test]
+fn a_policy_naming_root_is_refused_with_the_validation_format() -> Result<()> {
+    require_root!();
+    let gw = TestGateway::new()?;
+    let policy = gw.state_dir().join("root.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\nprocess:\n  run_as_user: root\n  run_as_group: sandbox\n",
+    )?;
+    let mut cmd = gw.command();
+    cmd.args(["sandbox", "create", "--name", "r00t", "--policy"])
+        .arg(&policy)
+        .args(["--", "id", "-u"]);
+    let run = run_with_timeout(cmd, b"", CALL_TIMEOUT)?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stdout.is_empty(), "the command ran: {}", run.stdout);
+    // FILE:LINE:COL: error: MESSAGE (at FIELD.PATH)
+    let expected = format!("{}:3:16: error: ", policy.display());
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains(&expected))
+        .context(format!("no validation error line in:\n{}", run.stderr))?;
+    assert!(line.contains("(at process.run_as_user)"), "{line}");
+    let list = gw.run(&["sandbox", "list", "-o", "json"])?.ok()?.json()?;
+    assert!(names(&list).is_empty(), "{list}");
     Ok(())
 }

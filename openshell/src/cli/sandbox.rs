@@ -167,12 +167,21 @@ fn create(
 ) -> anyhow::Result<ExitCode> {
     let (policy_source, policy) = read_policy(policy)?;
     let client = client()?;
-    let info = client.create(&CreateSandbox {
+    let created = client.create(&CreateSandbox {
         name,
         policy_source,
         policy,
         keep: !no_keep,
-    })?;
+    });
+    let info = match created {
+        Ok(info) => info,
+        // Validation errors are already complete `FILE:LINE:COL: error: ...` lines.
+        Err(ClientError::Api { kind, message, .. }) if kind == "invalid_policy" => {
+            eprintln!("{message}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let name = info.name.clone();
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&info)?),

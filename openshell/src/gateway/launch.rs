@@ -1,11 +1,11 @@
 //! The gateway's one seam to the launcher and the policy module: static configuration of a
 //! sandbox, and starting a process in it.
 //!
-//! TEMPORARY (until `openshell::policy` and `openshell::sandbox::spawn` land on main):
-//! [`static_config`] does not read the policy's static sections yet and returns the seed's
-//! defaults, and [`launch`] only joins the sandbox cgroup, starts a new session and execs, with
-//! no mount namespace, Landlock, seccomp or identity switch. Both are replaced by calls into those
-//! modules; nothing else in the gateway changes.
+//! [`static_config`] reads the policy with [`crate::policy::parse`].
+//!
+//! TEMPORARY (until `openshell::sandbox::spawn` lands on main): [`launch`] only joins the
+//! sandbox cgroup, starts a new session and execs, with no mount namespace, Landlock, seccomp or
+//! identity switch. It is replaced by a call to the launcher; nothing else in the gateway changes.
 
 use std::{
     fs::OpenOptions,
@@ -48,22 +48,24 @@ pub struct PolicyRejected(pub String);
 
 /// Validates `text` (named `source` in error messages) and extracts its static sections.
 pub fn static_config(source: &str, text: &str) -> Result<LoadedPolicy, PolicyRejected> {
-    if text.trim().is_empty() {
-        return Err(PolicyRejected(format!(
-            "{source}:1:1: error: the policy is empty; it needs at least `version: 1`"
-        )));
-    }
-    let sha256 = hex(&Sha256::digest(text.as_bytes()));
+    let policy = crate::policy::parse(source, text).map_err(|e| PolicyRejected(e.to_string()))?;
+    let canonical = policy
+        .to_canonical_yaml()
+        .map_err(|e| PolicyRejected(format!("{source}: writing the canonical form: {e}")))?;
+    let compatibility = match policy.landlock.compatibility {
+        crate::policy::Compatibility::BestEffort => "best_effort",
+        crate::policy::Compatibility::HardRequirement => "hard_requirement",
+    };
     Ok(LoadedPolicy {
         static_config: StaticConfig {
-            read_only: ["/usr", "/lib", "/etc"].map(PathBuf::from).to_vec(),
-            read_write: ["/sandbox", "/tmp"].map(PathBuf::from).to_vec(),
-            include_workdir: false,
-            compatibility: "best_effort".to_owned(),
-            run_as_user: "sandbox".to_owned(),
-            run_as_group: "sandbox".to_owned(),
+            read_only: policy.filesystem.read_only,
+            read_write: policy.filesystem.read_write,
+            include_workdir: policy.filesystem.include_workdir,
+            compatibility: compatibility.to_owned(),
+            run_as_user: policy.process.run_as_user,
+            run_as_group: policy.process.run_as_group,
         },
-        sha256,
+        sha256: hex(&Sha256::digest(canonical.as_bytes())),
     })
 }
 
