@@ -41,6 +41,9 @@ const NAME_ATTEMPTS: usize = 8;
 /// interceptor implements this).
 pub trait CgroupAttach: Send + Sync {
     fn attach(&self, cgroup_dir: &Path) -> Result<(), String>;
+    /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
+    /// implementation).
+    fn detach(&self, _cgroup_dir: &Path) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +312,14 @@ impl Sandboxes {
             Err(e) => return Err(e.into()),
         }
         let cgroup = SandboxCgroup::from_path(self.cgroups.path().join(name));
+        if let Some(attach) = &self.attach
+            && cgroup.path().exists()
+        {
+            // Empty the cgroup first: a process left running after the programs are detached
+            // would connect without the proxy.
+            cgroup.kill().map_err(Self::cgroup_err(name))?;
+            attach.detach(cgroup.path());
+        }
         cgroup.remove().map_err(Self::cgroup_err(name))?;
         let dir = self.dir(name);
         match fs::remove_dir_all(&dir) {
@@ -390,6 +401,20 @@ impl Sandboxes {
             network_enforced: self.attach.is_some(),
             name: rec.name,
         })
+    }
+
+    /// The newest `limit` network decisions of sandbox `name`, oldest first.
+    pub fn decisions(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::DecisionRecord>, LifecycleError> {
+        if self.store.sandbox(name)?.is_none() {
+            return Err(LifecycleError::NotFound {
+                name: name.to_owned(),
+            });
+        }
+        Ok(self.store.decisions(name, limit)?)
     }
 
     pub fn get(&self, name: &str) -> Result<SandboxInfo, LifecycleError> {

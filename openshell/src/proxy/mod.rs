@@ -10,6 +10,7 @@
 //! - [`relay`]: splice(2) relay with half-close and revocation.
 //! - [`registry`]: the sandboxes the proxy serves and their policy generations.
 //! - [`sockdiag`]: which cgroup sent a UDP datagram.
+//! - [`network`]: the proxy as the gateway runs it (listeners, interceptor, sandbox attach).
 //!
 //! Relies on the eBPF interceptor ([`crate::ebpf`]) for redirection and connect records, and on
 //! root (reading `/proc/<pid>/exe` of sandboxed processes, `NETLINK_SOCK_DIAG`).
@@ -21,6 +22,7 @@ pub mod identity;
 pub mod listener;
 pub mod log;
 pub mod names;
+pub mod network;
 pub mod registry;
 pub mod relay;
 pub mod sockdiag;
@@ -46,6 +48,10 @@ pub enum ProxyError {
         field: String,
         host: String,
     },
+    #[error("proxy configuration: {message}")]
+    Config { message: String },
+    #[error("loading the eBPF interceptor: {0}")]
+    Ebpf(#[source] Box<crate::ebpf::EbpfError>),
     #[error("binding the proxy's {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,

@@ -22,6 +22,7 @@ use openshell::{
     proxy::{
         Generation, Proxy, ProxyConfig, ProxyListeners, Registry, SandboxNet,
         log::{DecisionRecord, MemoryLog},
+        relay::RelayMode,
     },
 };
 use openshell_tests::{dns::TestDns, netns::TestNet};
@@ -209,6 +210,16 @@ pub struct Sandbox {
 impl Sandbox {
     /// `name` must be unique among the tests of one binary.
     pub fn new(name: &str, policy: &str, upstream_dns: SocketAddr) -> anyhow::Result<Self> {
+        Self::with_relay(name, policy, upstream_dns, RelayMode::default())
+    }
+
+    /// As [`Sandbox::new`], relaying with `relay`.
+    pub fn with_relay(
+        name: &str,
+        policy: &str,
+        upstream_dns: SocketAddr,
+        relay: RelayMode,
+    ) -> anyhow::Result<Self> {
         let unique = format!("{name}-{}", std::process::id());
         let base = CgroupBase::open(CGROUP_BASE)?;
         let cgroup = base.sandbox(&unique)?;
@@ -228,7 +239,8 @@ impl Sandbox {
             cgroup,
             bpffs_dir,
         };
-        let config = ProxyConfig::loopback(0, 0, vec![upstream_dns]);
+        let mut config = ProxyConfig::loopback(0, 0, vec![upstream_dns]);
+        config.relay = relay;
         let listeners = ProxyListeners::bind(&config)?;
         sandbox.own = listeners.addresses();
         let mut interceptor = Interceptor::load(&listeners.interceptor_config(&sandbox.bpffs_dir))
