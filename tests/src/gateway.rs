@@ -189,6 +189,10 @@ impl Drop for TestGateway {
             }
             let _ = std::fs::remove_dir(&base);
         }
+        // The gateway pins its eBPF maps and links per cgroup base (so enforcement survives a
+        // restart); unpinning them releases the kernel objects.
+        let pins = std::path::Path::new("/sys/fs/bpf/openshell").join(&self.cgroup_base);
+        let _ = std::fs::remove_dir_all(pins);
     }
 }
 

@@ -146,15 +146,19 @@ fn client_ignoring_http_proxy_is_caught_the_same_way() {
         .args(["tcp", &SocketAddr::new(host.ip(), 443).to_string()])
         .env("HTTP_PROXY", "http://198.18.255.1:3128")
         .env("HTTPS_PROXY", "http://198.18.255.1:3128");
+    // Its connect() completes against the proxy's listener (the probe prints `ok` and exits);
+    // the proxy then judges the connection and resets it instead of dialing.
     let out = sandbox.run(probe).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("ok "),
+        "{out:?}"
+    );
     let denied = sandbox
         .wait_for_record(|r| r.decision == "deny" && r.port == Some(443))
         .unwrap();
     assert_eq!(denied.binary.as_deref(), Some(PROBE));
     assert_eq!(denied.host.as_deref(), Some("pypi.org"));
     assert!(denied.reason.contains("is not listed"), "{}", denied.reason);
-    // The probe's connect() itself succeeds (to the proxy), and the proxy resets it.
-    let _ = out;
     assert!(host.requests().is_empty());
 }
 
