@@ -16,11 +16,6 @@
 //!   connection), one at a time.
 //! - Round trip added on a kept-alive connection: 1-byte ping-pong, median.
 
-#![expect(
-    clippy::unwrap_used,
-    reason = "benchmark harness: a failed unwrap is a failed run"
-)]
-
 #[path = "../tests/proxy_support/mod.rs"]
 mod proxy_support;
 
