@@ -249,6 +249,19 @@ impl Client {
         self.call(Method::POST, "/v1/sandboxes", Some(req))
     }
 
+    /// The newest `limit` network decisions of sandbox `name`, oldest first.
+    pub fn logs(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::DecisionRecord>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{name}/logs?n={limit}"),
+            None::<&()>,
+        )
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self.call(
             Method::DELETE,

@@ -11,4 +11,5 @@ pub mod ebpf;
 pub mod gateway;
 pub mod policy;
 pub mod sandbox;
+pub mod proxy;
 pub mod store;

@@ -113,7 +113,12 @@ impl TestGateway {
         let config = dir.path().join("gateway.toml");
         std::fs::write(
             &config,
-            format!("[gateway]\ncgroup_base = \"{cgroup_base}\"\n"),
+            // Port 0: parallel test gateways never compete for the proxy's listener ports.
+            format!(
+                "[gateway]\ncgroup_base = \"{cgroup_base}\"\n\
+                 [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+                 [dns]\nlisten = \"127.0.0.1:0\"\n"
+            ),
         )?;
         Ok(Self {
             dir,
@@ -184,6 +189,10 @@ impl Drop for TestGateway {
             }
             let _ = std::fs::remove_dir(&base);
         }
+        // The gateway pins its eBPF maps and links per cgroup base (so enforcement survives a
+        // restart); unpinning them releases the kernel objects.
+        let pins = std::path::Path::new("/sys/fs/bpf/openshell").join(&self.cgroup_base);
+        let _ = std::fs::remove_dir_all(pins);
     }
 }
 

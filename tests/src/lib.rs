@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod gateway;
+pub mod dns;
 pub mod netns;
 pub mod sandbox;
 

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod gateway;
+pub mod logs;
 pub mod policy;
 pub mod sandbox;
 
@@ -27,6 +28,8 @@ pub enum Command {
     /// Start, stop and inspect the gateway daemon.
     #[command(subcommand)]
     Gateway(gateway::GatewayCommand),
+    /// Show a sandbox's network decisions (the decision log).
+    Logs(logs::LogsArgs),
     /// Validate, check, get and set policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -43,6 +46,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Gateway(cmd) => gateway::run(cmd),
+        Command::Logs(args) => logs::run(&args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),

@@ -407,6 +407,20 @@ impl Sandboxes {
         })
     }
 
+    /// The newest `limit` network decisions of sandbox `name`, oldest first.
+    pub fn decisions(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::DecisionRecord>, LifecycleError> {
+        if self.store.sandbox(name)?.is_none() {
+            return Err(LifecycleError::NotFound {
+                name: name.to_owned(),
+            });
+        }
+        Ok(self.store.decisions(name, limit)?)
+    }
+
     pub fn get(&self, name: &str) -> Result<SandboxInfo, LifecycleError> {
         let rec = self
             .store

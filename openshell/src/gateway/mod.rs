@@ -91,6 +91,8 @@ pub enum GatewayError {
     Reconcile(#[source] lifecycle::LifecycleError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] io::Error),
+    #[error("starting the proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> GatewayError {
@@ -167,7 +169,19 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
 
     let store = Arc::new(SqliteStore::open(&paths.database())?);
     let cgroups = CgroupBase::open(&config.gateway.cgroup_base)?;
-    let sandboxes = Arc::new(Sandboxes::new(store, paths.clone(), cgroups, None));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(GatewayError::Runtime)?;
+    // The proxy and the eBPF programs are up before any sandbox is (re-)attached.
+    let network = crate::proxy::network::Network::start(&runtime, config, store.clone())?;
+    let sandboxes = Arc::new(Sandboxes::new(
+        store,
+        paths.clone(),
+        cgroups,
+        Some(network as Arc<dyn CgroupAttach>),
+    ));
     let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;
     eprintln!(
         "gateway: pid {}, state {}, cgroups {}; re-adopted {:?}, rolled back {:?}, removed orphan cgroups {:?}",
@@ -214,11 +228,6 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
         .set_nonblocking(true)
         .map_err(io_err("configuring", &socket))?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(GatewayError::Runtime)?;
     let state = server::State {
         sandboxes,
         paths: paths.clone(),

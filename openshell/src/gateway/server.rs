@@ -177,6 +177,13 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
                 .await
                 .map(|()| json(StatusCode::OK, &serde_json::json!({})))
         }
+        (&Method::GET, ["v1", "sandboxes", name, "logs"]) => {
+            let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
+            let limit = crate::cli::logs::limit_from_query(req.uri().query());
+            blocking(move || s.decisions(&name, limit))
+                .await
+                .map(|records| json(StatusCode::OK, &records))
+        }
         (&Method::POST, ["v1", "sandboxes", name, "exec"]) => {
             let name = (*name).to_owned();
             exec(state, name, req).await

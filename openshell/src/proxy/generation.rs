@@ -1,0 +1,148 @@
+//! One policy generation as the proxy enforces it: the compiled network policy, its revision,
+//! and the `allowed_ips` index the policy DNS uses to filter private answers.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::policy::{self, AddressClass, CompiledPolicy, HostPattern, Policy};
+
+use super::ProxyError;
+
+/// A compiled network policy in force for one sandbox. Immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct Generation {
+    revision: i64,
+    policy: CompiledPolicy,
+    /// Endpoints that list `allowed_ips`: private answers for their hosts are usable.
+    allowances: Vec<(HostPattern, Vec<IpNet>)>,
+}
+
+impl Generation {
+    /// Parses, validates and compiles `text` (named `source` in errors) as revision `revision`.
+    pub fn from_text(source: &str, text: &str, revision: i64) -> Result<Self, ProxyError> {
+        let policy = policy::parse(source, text).map_err(|errors| ProxyError::InvalidPolicy {
+            message: errors.to_string(),
+        })?;
+        Self::new(source, &policy, revision)
+    }
+
+    /// Compiles a validated policy. Refuses `protocol: rest` endpoints: HTTP inspection is not
+    /// implemented yet, and passing such an endpoint through as plain TCP would allow every
+    /// request its rules were written to stop.
+    pub fn new(source: &str, policy: &Policy, revision: i64) -> Result<Self, ProxyError> {
+        let mut allowances = Vec::new();
+        for (key, block) in &policy.network {
+            for (index, endpoint) in block.endpoints.iter().enumerate() {
+                if endpoint.rest.is_some() {
+                    return Err(ProxyError::RestNotSupported {
+                        file: source.to_owned(),
+                        line: endpoint.pos.line,
+                        column: endpoint.pos.column,
+                        field: format!("network_policies.{key}.endpoints[{index}].protocol"),
+                        host: endpoint.host.as_str().to_owned(),
+                    });
+                }
+                if !endpoint.allowed_ips.is_empty() {
+                    allowances.push((endpoint.host.clone(), endpoint.allowed_ips.clone()));
+                }
+            }
+        }
+        Ok(Self {
+            revision,
+            policy: policy.compile(),
+            allowances,
+        })
+    }
+
+    /// The policy revision this generation was built from.
+    #[must_use]
+    pub const fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The compiled policy.
+    #[must_use]
+    pub const fn policy(&self) -> &CompiledPolicy {
+        &self.policy
+    }
+
+    /// Whether the policy DNS may hand `ip` to the sandbox as an address of `name`: never for
+    /// forbidden addresses, for private ones only when an endpoint matching `name` lists them
+    /// in `allowed_ips`.
+    #[must_use]
+    pub fn may_use_address(&self, name: &str, ip: IpAddr) -> bool {
+        match policy::classify(ip) {
+            AddressClass::Forbidden(_) => false,
+            AddressClass::Public => true,
+            AddressClass::Private => {
+                let ip = policy::unmap(ip);
+                self.allowances
+                    .iter()
+                    .any(|(host, nets)| host.matches(name) && nets.iter().any(|n| n.contains(&ip)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+version: 1
+network_policies:
+  pypi:
+    name: pypi
+    endpoints:
+      - host: pypi.org
+        port: 443
+      - host: internal.example.com
+        port: 443
+        allowed_ips: ["100.64.0.0/10"]
+    binaries:
+      - { path: /usr/bin/curl }
+"#;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn address_safety_for_dns_answers() {
+        let g = Generation::from_text("p.yaml", POLICY, 3).unwrap();
+        assert_eq!(g.revision(), 3);
+        assert!(g.may_use_address("pypi.org", ip("198.18.0.10")));
+        assert!(!g.may_use_address("pypi.org", ip("127.0.0.1")));
+        assert!(!g.may_use_address("pypi.org", ip("169.254.169.254")));
+        assert!(!g.may_use_address("pypi.org", ip("::1")));
+        assert!(!g.may_use_address("pypi.org", ip("100.64.1.2")));
+        assert!(!g.may_use_address("pypi.org", ip("10.0.0.1")));
+        assert!(g.may_use_address("internal.example.com", ip("100.64.1.2")));
+        assert!(g.may_use_address("internal.example.com", ip("::ffff:100.64.1.2")));
+        assert!(!g.may_use_address("internal.example.com", ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn rest_endpoints_are_refused_until_inspection_lands() {
+        let text = r#"version: 1
+network_policies:
+  my_api:
+    endpoints:
+      - host: api.example.com
+        port: 443
+        protocol: rest
+        access: full
+    binaries:
+      - { path: /usr/bin/curl }
+"#;
+        let err = Generation::from_text("my-policy.yaml", text, 1).unwrap_err();
+        insta::assert_snapshot!(err.to_string(), @"my-policy.yaml:5:9: error: `protocol: rest` (HTTP inspection of api.example.com) is not supported yet (at network_policies.my_api.endpoints[0].protocol); remove `protocol`, `access` and `rules` to allow the endpoint as plain TCP, or wait for HTTP inspection");
+    }
+
+    #[test]
+    fn invalid_policy_keeps_the_validation_message() {
+        let err = Generation::from_text("p.yaml", "version: 2\n", 1).unwrap_err();
+        assert!(err.to_string().contains("p.yaml:1:"), "{err}");
+    }
+}

@@ -1,0 +1,657 @@
+//! The proxy's listeners and what happens to each connection and DNS datagram.
+//!
+//! Transparent TCP listener, per accepted connection:
+//! 1. The eBPF record of the client's address gives the original destination, the caller's
+//!    process, executable and cgroup. No record, or a cgroup that is no sandbox: reset.
+//! 2. Original port 53: the connection is DNS over TCP, served by the policy DNS.
+//! 3. The executable and its ancestors are resolved to paths (with the integrity check).
+//! 4. The destination address is matched to the names the sandbox resolved through the policy
+//!    DNS; an address it never resolved is judged as an IP literal. A TLS SNI or HTTP Host claim
+//!    is never consulted, so a program cannot borrow an allowed name for an address of its
+//!    choosing.
+//! 5. Denied: reset (RST) and log. Allowed: log, dial exactly the validated original address,
+//!    relay until either side ends or a new policy generation no longer allows it.
+//!
+//! DNS listener (UDP): the sandbox is found from the datagram's source socket (sock_diag), and
+//! the policy DNS answers.
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
+
+use super::{
+    Generation, ProxyError,
+    dns::{self, DnsOutcome, Upstream},
+    identity::{Binary, Identities, IdentityError},
+    log::{DecisionLog, DecisionRecord, now_ms},
+    registry::{Registry, SandboxNet},
+    relay::{self, RelayEnd, RelayMode},
+};
+use crate::{
+    ebpf::{ConnectRecord, EbpfError, Interceptor, InterceptorConfig},
+    policy::{ConnectionQuery, Decision, Verdict},
+};
+
+/// How long dialing an upstream may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most DNS datagrams answered at once; more are dropped (the client retries).
+const DNS_IN_FLIGHT: usize = 512;
+
+/// Where the proxy listens and whom it asks.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Transparent TCP listener for IPv4 (port 0: any free port).
+    pub transparent_v4: SocketAddrV4,
+    /// Transparent TCP listener for IPv6.
+    pub transparent_v6: Option<SocketAddrV6>,
+    /// DNS listener for IPv4 resolvers.
+    pub dns_v4: SocketAddrV4,
+    /// DNS listener for IPv6 resolvers.
+    pub dns_v6: Option<SocketAddrV6>,
+    /// Upstream DNS servers.
+    pub upstream_dns: Vec<SocketAddr>,
+    pub relay: RelayMode,
+    pub dial_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// IPv4 and IPv6 loopback listeners on the given ports.
+    #[must_use]
+    pub fn loopback(tcp_port: u16, dns_port: u16, upstream_dns: Vec<SocketAddr>) -> Self {
+        Self {
+            transparent_v4: SocketAddrV4::new([127, 0, 0, 1].into(), tcp_port),
+            transparent_v6: Some(SocketAddrV6::new(
+                std::net::Ipv6Addr::LOCALHOST,
+                tcp_port,
+                0,
+                0,
+            )),
+            dns_v4: SocketAddrV4::new([127, 0, 0, 1].into(), dns_port),
+            dns_v6: Some(SocketAddrV6::new(
+                std::net::Ipv6Addr::LOCALHOST,
+                dns_port,
+                0,
+                0,
+            )),
+            upstream_dns,
+            relay: RelayMode::default(),
+            dial_timeout: DIAL_TIMEOUT,
+        }
+    }
+}
+
+/// The bound listener sockets (bound before the interceptor is configured, so that port 0
+/// works and the kernel never redirects to a port nobody holds).
+#[derive(Debug)]
+pub struct ProxyListeners {
+    tcp: Vec<std::net::TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+    tcp_v4: SocketAddrV4,
+    tcp_v6: Option<SocketAddrV6>,
+    dns_v4: SocketAddrV4,
+    dns_v6: Option<SocketAddrV6>,
+}
+
+impl ProxyListeners {
+    /// Binds every configured listener.
+    pub fn bind(config: &ProxyConfig) -> Result<Self, ProxyError> {
+        let bind_err = |what, addr| move |source| ProxyError::Bind { what, addr, source };
+        let tcp4 = bind_tcp(config.transparent_v4.into())
+            .map_err(bind_err("transparent", config.transparent_v4.into()))?;
+        let udp4 = bind_udp(config.dns_v4.into()).map_err(bind_err("DNS", config.dns_v4.into()))?;
+        let tcp_v4 = v4(tcp4
+            .local_addr()
+            .map_err(bind_err("transparent", config.transparent_v4.into()))?);
+        let dns_v4 = v4(udp4
+            .local_addr()
+            .map_err(bind_err("DNS", config.dns_v4.into()))?);
+        let mut tcp = vec![tcp4];
+        let mut udp = vec![udp4];
+        let mut tcp_v6 = None;
+        if let Some(addr) = config.transparent_v6 {
+            // The same port as IPv4 when IPv4 took a free one.
+            let addr = SocketAddrV6::new(
+                *addr.ip(),
+                if addr.port() == 0 {
+                    tcp_v4.port()
+                } else {
+                    addr.port()
+                },
+                0,
+                0,
+            );
+            let l = bind_tcp(addr.into()).map_err(bind_err("transparent", addr.into()))?;
+            tcp_v6 = Some(addr);
+            tcp.push(l);
+        }
+        let mut dns_v6 = None;
+        if let Some(addr) = config.dns_v6 {
+            let addr = SocketAddrV6::new(
+                *addr.ip(),
+                if addr.port() == 0 {
+                    dns_v4.port()
+                } else {
+                    addr.port()
+                },
+                0,
+                0,
+            );
+            let s = bind_udp(addr.into()).map_err(bind_err("DNS", addr.into()))?;
+            dns_v6 = Some(addr);
+            udp.push(s);
+        }
+        Ok(Self {
+            tcp,
+            udp,
+            tcp_v4,
+            tcp_v6,
+            dns_v4,
+            dns_v6,
+        })
+    }
+
+    /// The interceptor configuration that redirects to these listeners.
+    #[must_use]
+    pub fn interceptor_config(&self, bpffs_dir: &Path) -> InterceptorConfig {
+        let mut c = InterceptorConfig::new(self.tcp_v4, self.dns_v4, bpffs_dir);
+        c.tcp_v6 = self.tcp_v6;
+        c.dns_v6 = self.dns_v6;
+        c
+    }
+
+    /// Every address the proxy listens on (connections to them are always denied).
+    #[must_use]
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = vec![self.tcp_v4.into(), self.dns_v4.into()];
+        v.extend(self.tcp_v6.map(SocketAddr::from));
+        v.extend(self.dns_v6.map(SocketAddr::from));
+        v
+    }
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => SocketAddrV4::new(
+            a.ip().to_ipv4_mapped().unwrap_or([127, 0, 0, 1].into()),
+            a.port(),
+        ),
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Where the proxy finds the kernel's connect records.
+pub trait ConnectRecords: Send + Sync {
+    /// Takes the record of the connection whose client address is `peer`.
+    fn take(&self, peer: SocketAddr) -> Result<Option<ConnectRecord>, EbpfError>;
+}
+
+impl ConnectRecords for Interceptor {
+    fn take(&self, peer: SocketAddr) -> Result<Option<ConnectRecord>, EbpfError> {
+        Interceptor::take(self, peer)
+    }
+}
+
+impl ConnectRecords for Mutex<Interceptor> {
+    fn take(&self, peer: SocketAddr) -> Result<Option<ConnectRecord>, EbpfError> {
+        self.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(peer)
+    }
+}
+
+/// The proxy: shared state of every listener task.
+pub struct Proxy {
+    registry: Arc<Registry>,
+    records: Arc<dyn ConnectRecords>,
+    identities: Identities,
+    log: Arc<dyn DecisionLog>,
+    upstream: Upstream,
+    own: Vec<SocketAddr>,
+    relay: RelayMode,
+    dial_timeout: Duration,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("own", &self.own)
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The facts a connection was judged on, kept to judge it again after a policy change.
+struct Facts {
+    sandbox: Arc<SandboxNet>,
+    pid: u32,
+    binary: Option<Binary>,
+    ancestors: Vec<Binary>,
+    ancestor_paths: Vec<PathBuf>,
+    names: Vec<Arc<str>>,
+    dst: SocketAddr,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &ProxyConfig,
+        listeners: &ProxyListeners,
+        registry: Arc<Registry>,
+        records: Arc<dyn ConnectRecords>,
+        log: Arc<dyn DecisionLog>,
+    ) -> Self {
+        Self {
+            registry,
+            records,
+            identities: Identities::new(),
+            log,
+            upstream: Upstream::new(config.upstream_dns.clone()),
+            own: listeners.addresses(),
+            relay: config.relay,
+            dial_timeout: config.dial_timeout,
+        }
+    }
+
+    /// Serves every listener until `shutdown` resolves. Must run inside a tokio runtime.
+    pub async fn serve(
+        self: Arc<Self>,
+        listeners: ProxyListeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in listeners.tcp {
+            let l = TcpListener::from_std(l)?;
+            tasks.spawn(Arc::clone(&self).accept_loop(l));
+        }
+        let limit = Arc::new(Semaphore::new(DNS_IN_FLIGHT));
+        for s in listeners.udp {
+            let s = Arc::new(UdpSocket::from_std(s)?);
+            tasks.spawn(Arc::clone(&self).dns_loop(s, Arc::clone(&limit)));
+        }
+        shutdown.await;
+        tasks.shutdown().await;
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(Arc::clone(&self).handle_tcp(stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    eprintln!("proxy: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_tcp(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let record = match self.records.take(peer) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => {
+                // Not a redirected sandbox connection (or its record was evicted): refuse.
+                relay::reset(&stream);
+                return;
+            }
+        };
+        let Some(sandbox) = self.registry.get(record.cgroup_id) else {
+            relay::reset(&stream);
+            return;
+        };
+        let dst = SocketAddr::new(
+            record.original_dst.ip().to_canonical(),
+            record.original_dst.port(),
+        );
+        if dst.port() == 53 && !self.own.contains(&dst) {
+            let log = Arc::clone(&self.log);
+            let scope = Arc::clone(&sandbox);
+            let _ = dns::serve_tcp(stream, &*scope, &self.upstream, |o| {
+                log_dns(&*log, &sandbox, o);
+            })
+            .await;
+            return;
+        }
+        let identities = Arc::clone(&self);
+        let cgroup_path = sandbox.cgroup_path().to_owned();
+        let identity = tokio::task::spawn_blocking(move || {
+            let me = identities.identities.executable(record.tgid, record.exe)?;
+            let ancestors =
+                identities
+                    .identities
+                    .ancestors(record.tgid, record.parent_tgid, &cgroup_path)?;
+            Ok::<_, IdentityError>((me, ancestors))
+        })
+        .await;
+        let names = sandbox.name_cache().names(dst.ip(), Instant::now());
+        let mut facts = Facts {
+            sandbox: Arc::clone(&sandbox),
+            pid: record.tgid,
+            binary: None,
+            ancestors: Vec::new(),
+            ancestor_paths: Vec::new(),
+            names,
+            dst,
+        };
+        let generation = sandbox.generation();
+        match identity {
+            Ok(Ok((binary, ancestors))) => {
+                facts.ancestor_paths = ancestors.iter().map(|b| b.path.to_path_buf()).collect();
+                facts.binary = Some(binary);
+                facts.ancestors = ancestors;
+            }
+            Ok(Err(e)) => {
+                let binary = match &e {
+                    IdentityError::IntegrityViolation { path, .. } => {
+                        Some(path.display().to_string())
+                    }
+                    _ => None,
+                };
+                self.log.record(self.record_for(
+                    &facts,
+                    &generation,
+                    binary,
+                    None,
+                    Verdict::Deny,
+                    e.to_string(),
+                ));
+                relay::reset(&stream);
+                return;
+            }
+            Err(e) => {
+                self.log.record(self.record_for(
+                    &facts,
+                    &generation,
+                    None,
+                    None,
+                    Verdict::Deny,
+                    format!("resolving the calling binary failed: {e}"),
+                ));
+                relay::reset(&stream);
+                return;
+            }
+        }
+        let (host, decision) = self.decide(&facts, &generation);
+        let binary = facts.binary.as_ref().map(|b| b.path.display().to_string());
+        self.log.record(
+            self.record_for(
+                &facts,
+                &generation,
+                binary.clone(),
+                Some(&host),
+                decision.verdict,
+                decision.reason.to_string(),
+            )
+            .with_block(decision.block.as_deref()),
+        );
+        if decision.verdict != Verdict::Allow {
+            relay::reset(&stream);
+            return;
+        }
+        let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) | Err(_) => {
+                relay::reset(&stream);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let mut updates = sandbox.subscribe();
+        updates.mark_unchanged();
+        let me = Arc::clone(&self);
+        let revoked = async {
+            loop {
+                if updates.changed().await.is_err() {
+                    // The sandbox is gone: nothing can allow the connection any more.
+                    return (None, String::from("the sandbox was removed"));
+                }
+                let generation = Arc::clone(&updates.borrow_and_update());
+                let (_, decision) = me.decide(&facts, &generation);
+                if decision.verdict != Verdict::Allow {
+                    return (Some(generation), decision.reason.to_string());
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let revoke_future = async move {
+            let why = revoked.await;
+            let _ = tx.send(why);
+        };
+        let outcome = relay::relay(stream, upstream, self.relay, revoke_future).await;
+        if matches!(outcome.end, RelayEnd::Revoked)
+            && let Ok((generation, reason)) = rx.await
+        {
+            let generation = generation.unwrap_or_else(|| sandbox.generation());
+            self.log.record(self.record_for(
+                &facts,
+                &generation,
+                binary,
+                Some(&host),
+                Verdict::Deny,
+                format!(
+                    "open connection closed: policy revision {} no longer allows it: {reason}",
+                    generation.revision()
+                ),
+            ));
+        }
+    }
+
+    /// Judges the connection under `generation`: by each name the sandbox resolved to the
+    /// address (the first that allows wins), else by the address as an IP literal.
+    fn decide(&self, facts: &Facts, generation: &Generation) -> (String, Decision) {
+        let dst = facts.dst;
+        let binary = facts.binary.as_ref().map_or(Path::new(""), |b| &*b.path);
+        let ip_text = dst.ip().to_string();
+        if self
+            .own
+            .iter()
+            .any(|own| own == &dst || (own.port() == dst.port() && own.ip().is_unspecified()))
+        {
+            return (
+                ip_text,
+                Decision {
+                    verdict: Verdict::Deny,
+                    audit: false,
+                    block: None,
+                    reason: crate::policy::Reason::ForbiddenAddress {
+                        ip: dst.ip(),
+                        class: crate::policy::Forbidden::Loopback,
+                    },
+                    inspection: crate::policy::Inspection::None,
+                    endpoint: None,
+                    canonical_target: None,
+                },
+            );
+        }
+        let decide = |host: &str| {
+            generation.policy().decide_connection(&ConnectionQuery {
+                host,
+                port: dst.port(),
+                binary,
+                ancestors: &facts.ancestor_paths,
+                dest_ip: Some(dst.ip()),
+            })
+        };
+        let mut first: Option<(String, Decision)> = None;
+        for name in &facts.names {
+            let d = decide(name);
+            if d.verdict == Verdict::Allow {
+                return (name.to_string(), d);
+            }
+            first.get_or_insert((name.to_string(), d));
+        }
+        if let Some(denied) = first {
+            return denied;
+        }
+        let d = decide(&ip_text);
+        (ip_text, d)
+    }
+
+    fn record_for(
+        &self,
+        facts: &Facts,
+        generation: &Generation,
+        binary: Option<String>,
+        host: Option<&str>,
+        verdict: Verdict,
+        reason: String,
+    ) -> DecisionRecord {
+        DecisionRecord {
+            time_ms: now_ms(),
+            sandbox: facts.sandbox.name().to_owned(),
+            decision: match verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+            }
+            .to_owned(),
+            binary,
+            pid: Some(i64::from(facts.pid)),
+            ancestors: facts
+                .ancestors
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect(),
+            host: host.map(str::to_owned),
+            ip: Some(facts.dst.ip().to_string()),
+            port: Some(facts.dst.port()),
+            block: None,
+            reason,
+            revision: Some(generation.revision()),
+        }
+    }
+
+    async fn dns_loop(self: Arc<Self>, socket: Arc<UdpSocket>, limit: Arc<Semaphore>) {
+        let Ok(local) = socket.local_addr() else {
+            return;
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(_) => continue,
+            };
+            let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                continue;
+            };
+            let query = buf[..n].to_vec();
+            let (me, socket) = (Arc::clone(&self), Arc::clone(&socket));
+            tokio::spawn(async move {
+                let _permit = permit;
+                me.handle_dns(&socket, local, from, &query).await;
+            });
+        }
+    }
+
+    async fn handle_dns(
+        &self,
+        socket: &UdpSocket,
+        local: SocketAddr,
+        from: SocketAddr,
+        query: &[u8],
+    ) {
+        let cgroup = match super::sockdiag::udp_socket_cgroup(from, local) {
+            Ok(Some(id)) => id,
+            Ok(None) | Err(_) => return,
+        };
+        let Some(sandbox) = self.registry.get(cgroup) else {
+            // Not a sandbox: no answer.
+            return;
+        };
+        let (reply, outcome) = dns::answer(query, &*sandbox, &self.upstream, true).await;
+        log_dns(&*self.log, &sandbox, &outcome);
+        if let Some(reply) = reply {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
+/// Logs DNS refusals and dropped answers (resolutions that succeeded are not decisions).
+fn log_dns(log: &dyn DecisionLog, sandbox: &SandboxNet, outcome: &DnsOutcome) {
+    let revision = Some(sandbox.generation().revision());
+    let base = |host: &str, ip: Option<IpAddr>, reason: String| DecisionRecord {
+        time_ms: now_ms(),
+        sandbox: sandbox.name().to_owned(),
+        decision: "deny".to_owned(),
+        binary: None,
+        pid: None,
+        ancestors: Vec::new(),
+        host: Some(host.to_owned()),
+        ip: ip.map(|i| i.to_string()),
+        port: Some(53),
+        block: None,
+        reason,
+        revision,
+    };
+    match outcome {
+        DnsOutcome::Refused { name } => log.record(base(
+            name,
+            None,
+            format!("DNS query for {name}: no block of the policy allows this name; answered NXDOMAIN without asking upstream"),
+        )),
+        DnsOutcome::Resolved { name, dropped, .. } if !dropped.is_empty() => {
+            let list: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+            log.record(base(
+                name,
+                dropped.first().copied(),
+                format!(
+                    "DNS answer for {name}: dropped {} (always-denied, or private without a matching allowed_ips)",
+                    list.join(", ")
+                ),
+            ));
+        }
+        _ => {}
+    }
+}
+
+trait WithBlock {
+    fn with_block(self, block: Option<&str>) -> Self;
+}
+
+impl WithBlock for DecisionRecord {
+    fn with_block(mut self, block: Option<&str>) -> Self {
+        self.block = block.map(str::to_owned);
+        self
+    }
+}

@@ -1,0 +1,173 @@
+//! The proxy as the gateway runs it: binds the listeners named in the gateway configuration,
+//! loads the eBPF programs pointing at them, serves on the gateway's tokio runtime, writes
+//! decisions to the store, and attaches each sandbox's cgroup (with its policy) when the
+//! gateway creates or re-adopts it.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use super::{
+    Generation, Proxy, ProxyConfig, ProxyError, ProxyListeners, Registry, SandboxNet,
+    listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
+};
+use crate::{
+    config::GatewayConfig,
+    ebpf::Interceptor,
+    gateway::CgroupAttach,
+    store::{RevisionStatus, Store},
+};
+
+/// Where pins live: one directory per cgroup base, so that gateways with different bases (tests)
+/// never share programs or maps.
+const BPFFS_ROOT: &str = "/sys/fs/bpf/openshell";
+
+/// The running proxy and the interceptor feeding it.
+pub struct Network {
+    interceptor: Arc<Mutex<Interceptor>>,
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    listening: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("listening", &self.listening)
+            .finish_non_exhaustive()
+    }
+}
+
+fn v4(what: &'static str, addr: SocketAddr) -> Result<SocketAddrV4, ProxyError> {
+    match addr {
+        SocketAddr::V4(a) => Ok(a),
+        SocketAddr::V6(_) => Err(ProxyError::Config {
+            message: format!("{what} {addr} must be an IPv4 address (IPv6 is served beside it)"),
+        }),
+    }
+}
+
+/// `[::1]` beside a loopback IPv4 listener (same port), so IPv6 clients are served too.
+fn v6_beside(addr: SocketAddrV4) -> Option<SocketAddrV6> {
+    addr.ip()
+        .is_loopback()
+        .then(|| SocketAddrV6::new(Ipv6Addr::LOCALHOST, addr.port(), 0, 0))
+}
+
+impl Network {
+    /// Starts the proxy on `runtime` with the listeners of `config`.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        config: &GatewayConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, ProxyError> {
+        let transparent_v4 = v4(
+            "[proxy] transparent_listen",
+            config.proxy.transparent_listen,
+        )?;
+        let dns_v4 = v4("[dns] listen", config.dns.listen)?;
+        let proxy_config = ProxyConfig {
+            transparent_v4,
+            transparent_v6: v6_beside(transparent_v4),
+            dns_v4,
+            dns_v6: v6_beside(dns_v4),
+            upstream_dns: config.dns_upstreams(),
+            relay: RelayMode::default(),
+            dial_timeout: DIAL_TIMEOUT,
+        };
+        let listeners = ProxyListeners::bind(&proxy_config)?;
+        let bpffs_dir = PathBuf::from(BPFFS_ROOT).join(&config.gateway.cgroup_base);
+        let interceptor = Interceptor::load(&listeners.interceptor_config(&bpffs_dir))
+            .map_err(|e| ProxyError::Ebpf(Box::new(e)))?;
+        let interceptor = Arc::new(Mutex::new(interceptor));
+        let registry = Arc::new(Registry::new());
+        let log = StoreLog::spawn(Arc::clone(&store)).map_err(|e| ProxyError::Config {
+            message: format!("starting the decision log writer: {e}"),
+        })?;
+        let listening = listeners.addresses();
+        let proxy = Arc::new(Proxy::new(
+            &proxy_config,
+            &listeners,
+            Arc::clone(&registry),
+            Arc::clone(&interceptor) as _,
+            Arc::new(log),
+        ));
+        runtime.spawn(async move {
+            if let Err(e) = proxy.serve(listeners, std::future::pending()).await {
+                eprintln!("gateway: proxy stopped: {e}");
+            }
+        });
+        Ok(Arc::new(Self {
+            interceptor,
+            registry,
+            store,
+            listening,
+        }))
+    }
+
+    /// The addresses the proxy listens on.
+    #[must_use]
+    pub fn listening(&self) -> &[SocketAddr] {
+        &self.listening
+    }
+
+    /// The policy generation for sandbox `name`: its newest loaded revision, else its newest.
+    fn generation(&self, name: &str) -> Result<Generation, String> {
+        let revisions = self
+            .store
+            .revisions(Some(name))
+            .map_err(|e| e.to_string())?;
+        let revision = revisions
+            .iter()
+            .find(|r| r.status == RevisionStatus::Loaded)
+            .or_else(|| revisions.first())
+            .ok_or_else(|| format!("sandbox {name:?} has no policy revision"))?;
+        let source = self
+            .store
+            .sandbox(name)
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("sandbox {name} policy"), |s| s.policy_source);
+        Generation::from_text(&source, &revision.policy, revision.version)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl CgroupAttach for Network {
+    fn attach(&self, cgroup_dir: &Path) -> Result<(), String> {
+        let name = cgroup_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("{} names no sandbox", cgroup_dir.display()))?;
+        let generation = self.generation(name)?;
+        let sandbox = SandboxNet::new(name, cgroup_dir, generation).map_err(|e| e.to_string())?;
+        // Register before attaching: the first redirected connect must find its sandbox.
+        self.registry.insert(Arc::new(sandbox));
+        let attachment = self
+            .interceptor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .attach(cgroup_dir)
+            .map_err(|e| e.to_string())?;
+        // Pinned: the programs stay attached after the handle is dropped (and after a restart).
+        drop(attachment);
+        Ok(())
+    }
+
+    fn detach(&self, cgroup_dir: &Path) {
+        if let Ok(meta) = std::fs::metadata(cgroup_dir) {
+            self.registry.remove(meta.ino());
+        }
+        let detached = self
+            .interceptor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .detach(cgroup_dir);
+        if let Err(e) = detached {
+            eprintln!("gateway: detaching {}: {e}", cgroup_dir.display());
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The sandboxes the proxy serves, keyed by the cgroup id the kernel records with every
+//! connection, each with its policy generation in force and its name cache.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use tokio::sync::watch;
+
+use super::{Generation, dns::DnsScope, names::NameCache};
+
+/// One sandbox as the proxy sees it.
+#[derive(Debug)]
+pub struct SandboxNet {
+    name: String,
+    cgroup_id: u64,
+    /// The cgroup as `/proc/<pid>/cgroup` writes it after `0::` (for ancestor checks).
+    cgroup_path: String,
+    generation: watch::Sender<Arc<Generation>>,
+    names: NameCache,
+}
+
+impl SandboxNet {
+    /// A sandbox whose processes live in the cgroup v2 directory `cgroup_dir`.
+    pub fn new(name: &str, cgroup_dir: &Path, generation: Generation) -> std::io::Result<Self> {
+        let cgroup_id = std::fs::metadata(cgroup_dir)?.ino();
+        let mount = crate::cgroup::cgroup2_mount().map_err(std::io::Error::other)?;
+        let relative = cgroup_dir.strip_prefix(&mount).map_err(|_| {
+            std::io::Error::other(format!(
+                "{} is not under the cgroup2 mount {}",
+                cgroup_dir.display(),
+                mount.display()
+            ))
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            cgroup_id,
+            cgroup_path: format!("/{}", relative.display()),
+            generation: watch::Sender::new(Arc::new(generation)),
+            names: NameCache::default(),
+        })
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    #[must_use]
+    pub const fn cgroup_id(&self) -> u64 {
+        self.cgroup_id
+    }
+
+    #[must_use]
+    pub fn cgroup_path(&self) -> &str {
+        &self.cgroup_path
+    }
+
+    /// The generation in force.
+    #[must_use]
+    pub fn generation(&self) -> Arc<Generation> {
+        Arc::clone(&self.generation.borrow())
+    }
+
+    /// Notified whenever the generation changes.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Generation>> {
+        self.generation.subscribe()
+    }
+
+    /// Puts a new generation in force. Open connections are judged again under it, and the
+    /// ones it no longer allows are closed.
+    pub fn set_generation(&self, generation: Generation) {
+        self.generation.send_replace(Arc::new(generation));
+    }
+
+    #[must_use]
+    pub const fn name_cache(&self) -> &NameCache {
+        &self.names
+    }
+}
+
+impl DnsScope for SandboxNet {
+    fn may_resolve(&self, name: &str) -> bool {
+        self.generation
+            .borrow()
+            .policy()
+            .name_could_be_allowed(name)
+    }
+
+    fn may_use_address(&self, name: &str, ip: IpAddr) -> bool {
+        self.generation.borrow().may_use_address(name, ip)
+    }
+
+    fn names(&self) -> &NameCache {
+        &self.names
+    }
+}
+
+/// Every sandbox the proxy serves. Thread-safe; lookups are read-locked.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_cgroup: RwLock<HashMap<u64, Arc<SandboxNet>>>,
+}
+
+impl Registry {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a sandbox.
+    pub fn insert(&self, sandbox: Arc<SandboxNet>) {
+        self.write().insert(sandbox.cgroup_id(), sandbox);
+    }
+
+    /// Removes the sandbox of cgroup `cgroup_id`.
+    pub fn remove(&self, cgroup_id: u64) -> Option<Arc<SandboxNet>> {
+        self.write().remove(&cgroup_id)
+    }
+
+    /// The sandbox whose cgroup id is `cgroup_id`.
+    #[must_use]
+    pub fn get(&self, cgroup_id: u64) -> Option<Arc<SandboxNet>> {
+        self.by_cgroup
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&cgroup_id)
+            .cloned()
+    }
+
+    /// The sandbox named `name`.
+    #[must_use]
+    pub fn by_name(&self, name: &str) -> Option<Arc<SandboxNet>> {
+        self.by_cgroup
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|s| s.name() == name)
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<SandboxNet>>> {
+        self.by_cgroup
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

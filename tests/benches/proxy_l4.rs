@@ -1,0 +1,291 @@
+//! Proxy L4 benchmark (issue 5): an allowed TCP stream relayed by the proxy against direct
+//! connections to the same test host, in one run. Needs root.
+//! Run: `cargo bench -p openshell-tests --bench proxy_l4`.
+//!
+//! The upstream servers run on a test host in a network namespace (198.18.N.10): a sink (reads
+//! to end of stream, then closes), an accept-and-close server, and a one-byte echo server. Each
+//! client is this binary re-executed with `--client`, either outside any sandbox (direct) or
+//! inside a sandbox cgroup with the eBPF programs attached and the real proxy serving it
+//! (proxied: connect → eBPF redirect → proxy accept → record, binary identity, decision, log →
+//! dial the test host → relay). The sides alternate in rounds so that load from other processes
+//! hits both alike. Every loop is bounded in count and time.
+//!
+//! - Throughput: one stream of [`STREAM_BYTES`], measured from connect to the server's close
+//!   (so every byte reached the server), for the splice relay and the copy relay.
+//! - New connections/s: connect, then wait for the server's close (a full end-to-end
+//!   connection), one at a time.
+//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median.
+
+#[path = "../tests/proxy_support/mod.rs"]
+mod proxy_support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use openshell::proxy::relay::RelayMode;
+use openshell_tests::netns::TestNet;
+use proxy_support::Sandbox;
+
+const STREAM_BYTES: u64 = 256 * 1024 * 1024;
+const STREAM_ROUNDS: usize = 3;
+const CONNECTS: usize = 400;
+const CONNECT_ROUNDS: usize = 5;
+const PINGS: usize = 4_000;
+const PING_ROUNDS: usize = 2;
+const CLIENT_TIME_LIMIT: Duration = Duration::from_secs(20);
+
+const SINK_PORT: u16 = 5001;
+const CLOSE_PORT: u16 = 5002;
+const ECHO_PORT: u16 = 5003;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(pos) = args.iter().position(|a| a == "--client") {
+        let mode = args.get(pos + 1).context("--client MODE ADDR N")?;
+        let addr: SocketAddr = args.get(pos + 2).context("--client MODE ADDR N")?.parse()?;
+        let n: u64 = args.get(pos + 3).context("--client MODE ADDR N")?.parse()?;
+        return client(mode, addr, n);
+    }
+    if !openshell_tests::is_root() {
+        eprintln!("skipped: the proxy benchmark needs root (eBPF, cgroups, network namespaces)");
+        return Ok(());
+    }
+    bench()
+}
+
+fn client(mode: &str, addr: SocketAddr, n: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    match mode {
+        "stream" => {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let len = usize::try_from(left.min(chunk.len() as u64))?;
+                s.write_all(&chunk[..len])?;
+                left -= len as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)?;
+            println!("{}", start.elapsed().as_nanos());
+        }
+        "connects" => {
+            let mut done = 0u64;
+            while done < n && start.elapsed() < CLIENT_TIME_LIMIT {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                let mut buf = [0u8; 1];
+                // End of stream: the server accepted (through the proxy: the proxy dialed it).
+                if s.read(&mut buf)? != 0 {
+                    bail!("the accept-and-close server sent data");
+                }
+                done += 1;
+            }
+            println!("{done} {}", start.elapsed().as_nanos());
+        }
+        "rtt" => {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_nodelay(true)?;
+            let mut out = std::io::stdout().lock();
+            let mut buf = [0u8; 1];
+            for _ in 0..n {
+                if start.elapsed() > CLIENT_TIME_LIMIT {
+                    break;
+                }
+                let t = Instant::now();
+                s.write_all(b"x")?;
+                s.read_exact(&mut buf)?;
+                writeln!(out, "{}", t.elapsed().as_nanos())?;
+            }
+        }
+        other => bail!("unknown client mode {other}"),
+    }
+    Ok(())
+}
+
+/// Starts the three servers on the test host.
+fn start_servers(net: &TestNet) -> anyhow::Result<()> {
+    let ip: IpAddr = net.ns_v4().into();
+    let bind = |port: u16| -> anyhow::Result<TcpListener> {
+        Ok(net.run(move || TcpListener::bind((ip, port)))??)
+    };
+    let sink = bind(SINK_PORT)?;
+    let close = bind(CLOSE_PORT)?;
+    let echo = bind(ECHO_PORT)?;
+    std::thread::spawn(move || {
+        for s in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for s in close.incoming() {
+            drop(s);
+        }
+    });
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; 1];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Runs one client, in `sandbox` when given, and returns its stdout.
+fn run_client(
+    sandbox: Option<&Sandbox>,
+    mode: &str,
+    addr: SocketAddr,
+    n: u64,
+) -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = match sandbox {
+        Some(s) => s.command(&exe),
+        None => Command::new(&exe),
+    };
+    cmd.args(["--client", mode, &addr.to_string(), &n.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let out = cmd.output().context("running the benchmark client")?;
+    if !out.status.success() {
+        bail!("{mode} client failed: {out:?}");
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn bench() -> anyhow::Result<()> {
+    let net = TestNet::new()?;
+    start_servers(&net)?;
+    let host: IpAddr = net.ns_v4().into();
+    let policy = format!(
+        "version: 1
+network_policies:
+  bench:
+    endpoints:
+      - host: {host}
+        ports: [{SINK_PORT}, {CLOSE_PORT}, {ECHO_PORT}]
+    binaries:
+      - {{ path: \"/**\" }}
+"
+    );
+    // The DNS upstream is never asked (the clients dial the address).
+    let dns: SocketAddr = (host, 53).into();
+    let splice = Sandbox::with_relay("bench-splice", &policy, dns, RelayMode::Splice)?;
+    let copy = Sandbox::with_relay("bench-copy", &policy, dns, RelayMode::Copy)?;
+    let sink = SocketAddr::new(host, SINK_PORT);
+    let close = SocketAddr::new(host, CLOSE_PORT);
+    let echo = SocketAddr::new(host, ECHO_PORT);
+    // Warm up: the first proxied connection hashes this binary (trust on first use).
+    for s in [&splice, &copy] {
+        run_client(Some(s), "connects", close, 1)?;
+    }
+
+    let gbit = |bytes: u64, ns: &str| -> anyhow::Result<f64> {
+        Ok(bytes as f64 * 8.0 / ns.trim().parse::<f64>()?)
+    };
+    let (mut direct_tp, mut splice_tp, mut copy_tp) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..STREAM_ROUNDS {
+        direct_tp.push(gbit(
+            STREAM_BYTES,
+            &run_client(None, "stream", sink, STREAM_BYTES)?,
+        )?);
+        splice_tp.push(gbit(
+            STREAM_BYTES,
+            &run_client(Some(&splice), "stream", sink, STREAM_BYTES)?,
+        )?);
+        copy_tp.push(gbit(
+            STREAM_BYTES,
+            &run_client(Some(&copy), "stream", sink, STREAM_BYTES)?,
+        )?);
+    }
+
+    let rate = |out: &str| -> anyhow::Result<(u64, f64)> {
+        let mut it = out.split_whitespace();
+        let n: u64 = it.next().context("count")?.parse()?;
+        let ns: f64 = it.next().context("time")?.parse()?;
+        Ok((n, ns))
+    };
+    let (mut direct_c, mut direct_ns, mut proxy_c, mut proxy_ns) = (0u64, 0f64, 0u64, 0f64);
+    for _ in 0..CONNECT_ROUNDS {
+        let (n, ns) = rate(&run_client(None, "connects", close, CONNECTS as u64)?)?;
+        direct_c += n;
+        direct_ns += ns;
+        let (n, ns) = rate(&run_client(
+            Some(&splice),
+            "connects",
+            close,
+            CONNECTS as u64,
+        )?)?;
+        proxy_c += n;
+        proxy_ns += ns;
+    }
+
+    let (mut direct_rtt, mut proxy_rtt) = (Vec::new(), Vec::new());
+    let parse_rtts = |out: &str| -> Vec<f64> {
+        out.lines()
+            .filter_map(|l| l.parse::<f64>().ok())
+            .map(|ns| ns / 1000.0)
+            .collect()
+    };
+    for _ in 0..PING_ROUNDS {
+        direct_rtt.extend(parse_rtts(&run_client(None, "rtt", echo, PINGS as u64)?));
+        proxy_rtt.extend(parse_rtts(&run_client(
+            Some(&splice),
+            "rtt",
+            echo,
+            PINGS as u64,
+        )?));
+    }
+
+    let (d, s, c) = (median(direct_tp), median(splice_tp), median(copy_tp));
+    println!(
+        "throughput, one stream of {} MiB, median of {STREAM_ROUNDS}:",
+        STREAM_BYTES >> 20
+    );
+    println!("| path | Gbit/s | of direct |");
+    println!("|---|---|---|");
+    println!("| direct | {d:.2} | 100% |");
+    println!("| proxy, splice relay | {s:.2} | {:.0}% |", 100.0 * s / d);
+    println!("| proxy, copy relay | {c:.2} | {:.0}% |", 100.0 * c / d);
+    let dr = direct_c as f64 / (direct_ns / 1e9);
+    let pr = proxy_c as f64 / (proxy_ns / 1e9);
+    println!("new connections, one at a time, {direct_c} direct / {proxy_c} proxied:");
+    println!("| path | connections/s | of direct |");
+    println!("|---|---|---|");
+    println!("| direct | {dr:.0} | 100% |");
+    println!("| proxy | {pr:.0} | {:.0}% |", 100.0 * pr / dr);
+    let (dm, pm) = (median(direct_rtt.clone()), median(proxy_rtt.clone()));
+    println!(
+        "round trip on a kept-alive connection, {} / {} pings:",
+        direct_rtt.len(),
+        proxy_rtt.len()
+    );
+    println!("| path | median | added |");
+    println!("|---|---|---|");
+    println!("| direct | {dm:.1} µs | |");
+    println!("| proxy | {pm:.1} µs | {:.1} µs |", pm - dm);
+    let decisions = splice.log.records().len() + copy.log.records().len();
+    println!("decisions logged by the proxies: {decisions}");
+    Ok(())
+}
