@@ -3,5 +3,268 @@
 //! Everything here is `#[repr(C)]` with explicit padding and a compile-time size check, because
 //! the kernel side and the user side must agree on the layout byte for byte. Logic that both
 //! sides need and that can be tested on the host lives here too.
+//!
+//! Conventions:
+//! - Addresses are kept as the kernel hands them over: IPv4 as one `u32` whose memory holds the
+//!   address in network byte order ([`Ipv4Be`]), IPv6 as four such words ([`Ipv6Be`]). IPv4
+//!   addresses inside an IPv6 field are IPv4-mapped (`::ffff:a.b.c.d`).
+//! - Ports are stored in host byte order ([`Endpoint::port`]); [`PortBe`] converts to and from the
+//!   `user_port` field of `bpf_sock_addr`, which holds the port in network byte order.
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+pub mod decide;
+pub mod dev;
+pub mod net;
+
+pub use dev::KernelDev;
+pub use net::{Endpoint, Ipv4Be, Ipv6Be, PortBe};
+
+/// Version of the pinned map layout. Bump it whenever any type in this crate that lives in a
+/// pinned map changes; pins of another version are never reused (user space keeps them in a
+/// directory named after the version).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `AF_INET`, as stored in [`Endpoint::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`Endpoint::family`].
+pub const AF_INET6: u16 = 10;
+
+/// Capacity of the connection record maps. They are LRU maps, so a flood of connections evicts
+/// the oldest records instead of failing; a record evicted before the proxy looked it up means
+/// the proxy denies that connection (fail closed).
+pub const RECORD_CAPACITY: u32 = 65_536;
+/// Capacity of the per-cgroup mode map (one entry per sandbox that is not in the default mode).
+pub const MODE_CAPACITY: u32 = 4_096;
+
+/// Names of the maps, shared so that user space never spells them differently.
+pub mod map_names {
+    /// `Array<Config>` with one entry: listeners and kernel offsets.
+    pub const CONFIG: &str = "OPENSHELL_CONFIG";
+    /// `LruHashMap<u64 socket cookie, ConnectRecord>`.
+    pub const BY_COOKIE: &str = "OPENSHELL_BY_COOKIE";
+    /// `LruHashMap<PeerKey, ConnectRecord>`: the same record keyed by the client's source.
+    pub const BY_PEER: &str = "OPENSHELL_BY_PEER";
+    /// `HashMap<u64 cgroup id, u32 CgroupMode>`.
+    pub const MODES: &str = "OPENSHELL_MODES";
+    /// `PerCpuArray<u64>` indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "OPENSHELL_COUNTERS";
+
+    /// Every map that user space pins (all of them: they must survive a gateway restart).
+    pub const PINNED: [&str; 5] = [CONFIG, BY_COOKIE, BY_PEER, MODES, COUNTERS];
+}
+
+/// What the programs do for the sockets of one cgroup.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// Redirect TCP to the transparent listener and DNS to the DNS listener (the default for a
+    /// cgroup that has no entry in the mode map).
+    Intercept = 0,
+    /// No network at all: every connect and every UDP send fails with EPERM in the kernel.
+    NoNetwork = 1,
+}
+
+impl CgroupMode {
+    /// Decodes a value read from the mode map; unknown values mean "no network" (fail closed).
+    #[must_use]
+    pub const fn from_raw(raw: u32) -> Self {
+        match raw {
+            0 => Self::Intercept,
+            _ => Self::NoNetwork,
+        }
+    }
+}
+
+/// Per-CPU counters of the decisions the kernel takes alone. The index into
+/// [`map_names::COUNTERS`] is the discriminant.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A TCP connect was redirected to the transparent listener.
+    TcpRedirected = 0,
+    /// A UDP datagram or UDP connect to port 53 was redirected to the DNS listener.
+    DnsRedirected = 1,
+    /// A UDP send or connect to another port was refused with EPERM.
+    UdpDenied = 2,
+    /// A connect or send was refused because the cgroup is in [`CgroupMode::NoNetwork`].
+    NoNetworkDenied = 3,
+    /// A connect or send was refused because user space has not configured the listener.
+    Unconfigured = 4,
+    /// A connect of another protocol (neither TCP nor UDP) was refused.
+    OtherProtocolDenied = 5,
+    /// A connect was refused because its record could not be stored.
+    RecordFailed = 6,
+    /// The executable identity could not be read (kernel thread, or a read failed).
+    ExeUnknown = 7,
+}
+
+impl Counter {
+    /// Number of counters (the size of the counters map).
+    pub const COUNT: u32 = 8;
+    /// Every counter, in index order.
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::TcpRedirected,
+        Self::DnsRedirected,
+        Self::UdpDenied,
+        Self::NoNetworkDenied,
+        Self::Unconfigured,
+        Self::OtherProtocolDenied,
+        Self::RecordFailed,
+        Self::ExeUnknown,
+    ];
+}
+
+/// Byte offsets of the kernel structure fields the connect programs follow to find the
+/// executable: `task_struct → mm → exe_file → f_inode → (i_sb → s_dev, i_ino)` and
+/// `task_struct → real_parent → tgid`. Rust eBPF has no CO-RE, so user space reads these from
+/// `/sys/kernel/btf/vmlinux` and stores them in [`Config`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_mm: u32,
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub mm_exe_file: u32,
+    pub file_f_inode: u32,
+    pub inode_i_sb: u32,
+    pub inode_i_ino: u32,
+    pub sb_s_dev: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32);
+
+/// An IPv4 listener address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerV4 {
+    pub addr: Ipv4Be,
+    /// Host byte order; 0 means "not configured".
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ListenerV4>() == 8);
+
+/// An IPv6 listener address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerV6 {
+    pub addr: Ipv6Be,
+    /// Host byte order; 0 means "not configured".
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ListenerV6>() == 20);
+
+/// The single entry of [`map_names::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Transparent TCP listener for IPv4 (and IPv4-mapped IPv6) destinations.
+    pub tcp_v4: ListenerV4,
+    /// DNS (UDP) listener for IPv4 (and IPv4-mapped IPv6) resolvers.
+    pub dns_v4: ListenerV4,
+    /// Transparent TCP listener for IPv6 destinations.
+    pub tcp_v6: ListenerV6,
+    /// DNS (UDP) listener for IPv6 resolvers.
+    pub dns_v6: ListenerV6,
+    pub offsets: KernelOffsets,
+    /// [`Config::FLAG_CONFIGURED`] once user space wrote a complete configuration.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
+
+impl Config {
+    /// Set by user space when the entry is complete; until then every connect is refused.
+    pub const FLAG_CONFIGURED: u32 = 1;
+
+    /// Whether user space has written a complete configuration.
+    #[must_use]
+    pub const fn is_configured(&self) -> bool {
+        self.flags & Self::FLAG_CONFIGURED != 0
+    }
+}
+
+/// What the connect programs record about one intercepted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectRecord {
+    /// Socket cookie of the client socket.
+    pub cookie: u64,
+    /// cgroup v2 id of the connecting task.
+    pub cgroup_id: u64,
+    /// Inode number of the executable (valid when [`ConnectRecord::FLAG_EXE`] is set).
+    pub exe_ino: u64,
+    /// Device of the executable's filesystem, in the kernel's encoding ([`KernelDev`]).
+    pub exe_dev: KernelDev,
+    /// Thread group id (the process id seen by user space).
+    pub tgid: u32,
+    /// Thread group id of the real parent.
+    pub parent_tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// [`ConnectRecord::FLAG_EXE`], [`ConnectRecord::FLAG_TCP`].
+    pub flags: u32,
+    /// The destination the program asked for.
+    pub orig_dst: Endpoint,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 72);
+
+impl ConnectRecord {
+    /// `exe_dev`, `exe_ino` and `parent_tgid` were read successfully.
+    pub const FLAG_EXE: u32 = 1;
+    /// The record belongs to a TCP connect (otherwise to a UDP DNS exchange).
+    pub const FLAG_TCP: u32 = 2;
+
+    #[must_use]
+    pub const fn has_exe(&self) -> bool {
+        self.flags & Self::FLAG_EXE != 0
+    }
+}
+
+/// Key of [`map_names::BY_PEER`]: the client's source address (IPv4 as IPv4-mapped IPv6) and
+/// port, as the proxy sees it after `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub addr: Ipv6Be,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+
+impl PeerKey {
+    /// Key for an IPv4 source.
+    #[must_use]
+    pub const fn v4(addr: Ipv4Be, port: u16) -> Self {
+        Self {
+            addr: Ipv6Be::mapped(addr),
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// Key for an IPv6 source; an IPv4-mapped source gives the same key as [`PeerKey::v4`].
+    #[must_use]
+    pub const fn v6(addr: Ipv6Be, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+#[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers, and has no implicit
+    // padding (every padding byte is an explicit field, and the size asserts above pin it).
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PeerKey {}
+}

@@ -3,6 +3,8 @@
 //! See DESIGN.md for the architecture. `policy` is pure (text in, decisions out); every other
 //! module wraps it with IO.
 
+pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
+pub mod policy;
 pub mod sandbox;

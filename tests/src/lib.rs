@@ -1,3 +1,79 @@
-//! Shared helpers for openshell's end-to-end tests.
+//! Shared helpers for openshell's end-to-end and privileged tests.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers fail the calling test loudly when the machine is not as expected"
+)]
 
+use std::path::PathBuf;
+
+pub mod netns;
 pub mod sandbox;
+
+/// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
+/// beside this test executable (`cargo xtask test` builds it first).
+pub fn openshell_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("OPENSHELL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("openshell"));
+    match candidate {
+        Some(p) if p.is_file() => p,
+        _ => panic!(
+            "openshell binary not found next to {}: run `cargo build -p openshell` first \
+             (`cargo xtask test` does), or set OPENSHELL_BIN",
+            exe.display()
+        ),
+    }
+}
+
+/// True when running as root; privileged tests need it and say so when it is missing.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A throw-away cgroup `<cgroup2>/openshell-test-<tag>-<pid>/<name>`, killed and removed on drop
+/// (also when the test panics).
+pub struct TestCgroup {
+    base: Option<openshell::cgroup::CgroupBase>,
+    cgroup: Option<openshell::cgroup::SandboxCgroup>,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let base = openshell::cgroup::CgroupBase::open(&format!(
+            "openshell-test-{tag}-{}",
+            std::process::id()
+        ))
+        .expect("create test cgroup base");
+        let cgroup = base.sandbox("sb").expect("create test cgroup");
+        Self {
+            base: Some(base),
+            cgroup: Some(cgroup),
+        }
+    }
+
+    pub fn cgroup(&self) -> &openshell::cgroup::SandboxCgroup {
+        self.cgroup.as_ref().expect("cgroup present until drop")
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.cgroup().path()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Some(Err(e)) = self.cgroup.take().map(|cg| cg.remove()) {
+            eprintln!("warning: removing test cgroup: {e}");
+        }
+        if let Some(Err(e)) = self.base.take().map(|base| base.remove()) {
+            eprintln!("warning: removing test cgroup base: {e}");
+        }
+    }
+}

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod policy;
+
+pub use policy::PolicyCommand;
+
 /// Sandbox runtime for AI agents: network policy enforced with eBPF, filesystem and process
 /// limits with Landlock and seccomp.
 #[derive(Debug, Parser)]
@@ -27,13 +31,10 @@ pub enum Command {
     SandboxInit(crate::sandbox::InitArgs),
 }
 
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {}
-
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Policy(cmd) => match cmd {},
+        Command::Policy(cmd) => policy::run(cmd),
         Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }

@@ -237,7 +237,6 @@ fn check_path(field: &str, path: &Path) -> Result<(), SandboxError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test should fail loudly on any error")]
 mod tests {
     use super::*;
 

@@ -1,0 +1,114 @@
+//! A small client for the eBPF tests: it opens one connection or sends one datagram and prints
+//! what it saw, one `key=value` line, so the tests can compare it with what the kernel recorded.
+//!
+//! - `ebpf-probe tcp ADDR [--thread] [--exec PROGRAM ARGS...]`: connect, print
+//!   `ok local=.. peer=.. pid=.. tid=..`, then exec PROGRAM (if given) or wait for stdin to close.
+//! - `ebpf-probe udp-sendto ADDR` / `udp-connect ADDR`: send a DNS-shaped query, print
+//!   `ok from=.. peer=.. reply=<hex>` for the first answer (5 s timeout).
+//!
+//! Errors print `err errno=N what` and exit 2.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("err errno={} {e}", e.raw_os_error().unwrap_or(0));
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn tid() -> i64 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+fn parse(addr: Option<&String>) -> std::io::Result<SocketAddr> {
+    addr.and_then(|a| a.parse().ok())
+        .ok_or_else(|| std::io::Error::other("usage: ebpf-probe MODE ADDR"))
+}
+
+fn run(args: &[String]) -> std::io::Result<()> {
+    let mode = args.first().map(String::as_str).unwrap_or_default();
+    let addr = parse(args.get(1))?;
+    match mode {
+        "tcp" => {
+            let rest = &args[2..];
+            let in_thread = rest.first().is_some_and(|a| a == "--thread");
+            let stream = if in_thread {
+                std::thread::spawn(move || connect(addr))
+                    .join()
+                    .map_err(|_| std::io::Error::other("connect thread panicked"))??
+            } else {
+                connect(addr)?
+            };
+            std::io::stdout().flush()?;
+            if let Some(pos) = rest.iter().position(|a| a == "--exec") {
+                let program = rest
+                    .get(pos + 1)
+                    .ok_or_else(|| std::io::Error::other("--exec needs a program"))?;
+                // Keep the connection open across exec so the test can still accept it.
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
+                // SAFETY: clears FD_CLOEXEC on a descriptor this process owns.
+                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                return Err(std::process::Command::new(program)
+                    .args(&rest[pos + 2..])
+                    .exec());
+            }
+            let mut sink = Vec::new();
+            std::io::stdin().read_to_end(&mut sink)?;
+            drop(stream);
+            Ok(())
+        }
+        "udp-sendto" | "udp-connect" => {
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+            } else {
+                "[::]:0".parse().map_err(std::io::Error::other)?
+            };
+            let socket = UdpSocket::bind(bind)?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            // A DNS query for `example.test. A`, id 0x1234.
+            let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
+            let peer = if mode == "udp-connect" {
+                socket.connect(addr)?;
+                socket.send(query)?;
+                socket.peer_addr()?.to_string()
+            } else {
+                socket.send_to(query, addr)?;
+                "-".to_owned()
+            };
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+            println!("ok from={from} peer={peer} reply={hex}");
+            Ok(())
+        }
+        _ => Err(std::io::Error::other(
+            "usage: ebpf-probe tcp|udp-sendto|udp-connect ADDR",
+        )),
+    }
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    println!(
+        "ok local={} peer={} pid={} tid={}",
+        stream.local_addr()?,
+        stream.peer_addr()?,
+        std::process::id(),
+        tid()
+    );
+    Ok(stream)
+}
