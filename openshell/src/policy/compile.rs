@@ -18,27 +18,30 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
 use super::decision::{
     ConnectionQuery, Decision, EndpointRef, HttpRequestQuery, Inspection, Reason, Verdict,
 };
-use super::glob;
-use super::host::{HostKind, HostPattern, Label, normalize_name, parse_ip_literal};
+use super::glob::{self, PathGlob, ValueGlob};
+use super::host::{self, HostKind, Label, normalize_name, parse_ip_literal};
 use super::ip;
 use super::model::{
     AccessPreset, AllowSet, Enforcement, Policy, QueryMatcher, RequestRule, TlsMode,
 };
 use super::target::{self, CanonicalTarget, Query, TargetError};
 
+/// Host tables are keyed by names from the policy, so a fast non-cryptographic hash is safe:
+/// a sandboxed program chooses only the names looked up, never the keys stored.
+type FastHash = foldhash::fast::RandomState;
+
 /// A policy ready to answer queries. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct CompiledPolicy {
     blocks: Vec<CBlock>,
     endpoints: Vec<CEndpoint>,
-    exact: HashMap<Box<str>, Vec<u32>>,
-    by_suffix: HashMap<Box<str>, Vec<u32>>,
+    exact: HashMap<Box<str>, Vec<u32>, FastHash>,
+    by_suffix: HashMap<Box<str>, Vec<u32>, FastHash>,
     other_wildcards: Vec<u32>,
 }
 
@@ -46,14 +49,15 @@ pub struct CompiledPolicy {
 struct CBlock {
     name: Arc<str>,
     exact_binaries: Vec<Box<OsStr>>,
-    binary_globs: Option<Arc<GlobSet>>,
+    binary_globs: Arc<[PathGlob]>,
 }
 
 #[derive(Debug)]
 struct CEndpoint {
     block: u32,
     index: u32,
-    host: HostPattern,
+    /// The labels of a wildcard host; exact hosts are matched by the table lookup alone.
+    wildcard: Option<Box<[Label]>>,
     ports: Box<[u16]>,
     tls: TlsMode,
     rest: Option<CRest>,
@@ -84,50 +88,54 @@ enum MethodMatch {
 struct CRule {
     method: MethodMatch,
     /// `None` only if a validated glob failed to compile: the rule then never matches.
-    path: Option<Arc<GlobMatcher>>,
+    path: Option<Arc<PathGlob>>,
     query: Box<[QueryCheck]>,
 }
 
 /// A query key and the globs one of which each of its values must match.
-type QueryCheck = (Box<str>, Box<[Arc<GlobMatcher>]>);
+type QueryCheck = (Box<str>, Box<[Arc<ValueGlob>]>);
 
 /// Shares identical globs between rules: a 10,000-block policy with `/**` everywhere compiles
 /// `/**` once.
 #[derive(Default)]
 struct GlobCache {
-    paths: HashMap<String, Option<Arc<GlobMatcher>>>,
-    values: HashMap<String, Option<Arc<GlobMatcher>>>,
-    binary_sets: HashMap<Vec<String>, Option<Arc<GlobSet>>>,
+    paths: HashMap<String, Option<Arc<PathGlob>>>,
+    values: HashMap<String, Option<Arc<ValueGlob>>>,
+    binaries: HashMap<Vec<String>, Arc<[PathGlob]>>,
 }
 
 impl GlobCache {
-    fn path(&mut self, pattern: &str) -> Option<Arc<GlobMatcher>> {
-        self.paths
-            .entry(pattern.to_owned())
-            .or_insert_with(|| glob::path_matcher(pattern).ok().map(Arc::new))
-            .clone()
+    fn path(&mut self, pattern: &str) -> Option<Arc<PathGlob>> {
+        if let Some(g) = self.paths.get(pattern) {
+            return g.clone();
+        }
+        let g = PathGlob::new(pattern).ok().map(Arc::new);
+        self.paths.insert(pattern.to_owned(), g.clone());
+        g
     }
 
-    fn value(&mut self, pattern: &str) -> Option<Arc<GlobMatcher>> {
-        self.values
-            .entry(pattern.to_owned())
-            .or_insert_with(|| glob::value_matcher(pattern).ok().map(Arc::new))
-            .clone()
+    fn value(&mut self, pattern: &str) -> Option<Arc<ValueGlob>> {
+        if let Some(g) = self.values.get(pattern) {
+            return g.clone();
+        }
+        let g = ValueGlob::new(pattern).ok().map(Arc::new);
+        self.values.insert(pattern.to_owned(), g.clone());
+        g
     }
 
-    fn binary_set(&mut self, patterns: Vec<String>) -> Option<Arc<GlobSet>> {
-        self.binary_sets
+    fn binaries(&mut self, patterns: Vec<String>) -> Arc<[PathGlob]> {
+        if patterns.is_empty() {
+            return Arc::from([]);
+        }
+        self.binaries
             .entry(patterns)
             .or_insert_with_key(|patterns| {
-                let mut b = GlobSetBuilder::new();
-                for p in patterns {
-                    // Validation checked every pattern; one that fails here is left out, which
-                    // can only deny more.
-                    if let Ok(g) = glob::path_glob(p) {
-                        b.add(g);
-                    }
-                }
-                b.build().ok().map(Arc::new)
+                // Validation checked every pattern; one that fails here is left out, which can
+                // only deny more.
+                patterns
+                    .iter()
+                    .filter_map(|p| PathGlob::new(p).ok())
+                    .collect()
             })
             .clone()
     }
@@ -143,7 +151,7 @@ fn compile_rule(rule: &RequestRule, cache: &mut GlobCache) -> CRule {
         .query
         .iter()
         .map(|(k, m): (&String, &QueryMatcher)| {
-            let globs: Vec<Arc<GlobMatcher>> =
+            let globs: Vec<Arc<ValueGlob>> =
                 m.globs().iter().filter_map(|g| cache.value(g)).collect();
             (k.as_str().into(), globs.into_boxed_slice())
         })
@@ -162,8 +170,8 @@ impl Policy {
         let mut compiled = CompiledPolicy {
             blocks: Vec::with_capacity(self.network.len()),
             endpoints: Vec::new(),
-            exact: HashMap::new(),
-            by_suffix: HashMap::new(),
+            exact: HashMap::default(),
+            by_suffix: HashMap::default(),
             other_wildcards: Vec::new(),
         };
         for (bi, block) in self.network.values().enumerate() {
@@ -176,11 +184,7 @@ impl Policy {
                     .into_iter()
                     .map(|b| OsStr::new(b.as_str()).into())
                     .collect(),
-                binary_globs: if globs.is_empty() {
-                    None
-                } else {
-                    cache.binary_set(globs.into_iter().cloned().collect())
-                },
+                binary_globs: cache.binaries(globs.into_iter().cloned().collect()),
             });
             for (ei, ep) in block.endpoints.iter().enumerate() {
                 let idx = u32::try_from(compiled.endpoints.len()).unwrap_or(u32::MAX);
@@ -199,25 +203,31 @@ impl Policy {
                         .collect(),
                     allow_encoded_slash: r.allow_encoded_slash,
                 });
-                match ep.host.kind() {
-                    HostKind::Name | HostKind::Ip(_) => compiled
-                        .exact
-                        .entry(ep.host.as_str().into())
-                        .or_default()
-                        .push(idx),
-                    HostKind::Wildcard(labels) => match literal_suffix(labels) {
-                        Some(suffix) => compiled
-                            .by_suffix
-                            .entry(suffix.into())
+                let wildcard = match ep.host.kind() {
+                    HostKind::Name | HostKind::Ip(_) => {
+                        compiled
+                            .exact
+                            .entry(ep.host.as_str().into())
                             .or_default()
-                            .push(idx),
-                        None => compiled.other_wildcards.push(idx),
-                    },
-                }
+                            .push(idx);
+                        None
+                    }
+                    HostKind::Wildcard(labels) => {
+                        match literal_suffix(labels) {
+                            Some(suffix) => compiled
+                                .by_suffix
+                                .entry(suffix.into())
+                                .or_default()
+                                .push(idx),
+                            None => compiled.other_wildcards.push(idx),
+                        }
+                        Some(labels.clone().into_boxed_slice())
+                    }
+                };
                 compiled.endpoints.push(CEndpoint {
                     block: bi,
                     index: u32::try_from(ei).unwrap_or(u32::MAX),
-                    host: ep.host.clone(),
+                    wildcard,
                     ports: ep.ports.clone().into_boxed_slice(),
                     tls: ep.tls,
                     rest,
@@ -249,7 +259,12 @@ enum QueryHost<'a> {
 
 impl<'a> QueryHost<'a> {
     fn new(host: &'a str) -> Self {
-        match parse_ip_literal(host) {
+        // Only IP literals start with a digit, `:` or `[`; skip the parse for other names.
+        let maybe_ip = host
+            .as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_digit() || *b == b':' || *b == b'[');
+        match maybe_ip.then(|| parse_ip_literal(host)).flatten() {
             Some(ip) => Self::Ip(ip, ip.to_string()),
             None => Self::Name(normalize_name(host)),
         }
@@ -269,7 +284,8 @@ impl CBlock {
             .chain(ancestors.iter().map(PathBuf::as_path))
             .any(|p| {
                 self.exact_binaries.iter().any(|b| **b == *p.as_os_str())
-                    || self.binary_globs.as_ref().is_some_and(|g| g.is_match(p))
+                    || p.to_str()
+                        .is_some_and(|p| self.binary_globs.iter().any(|g| g.is_match(p)))
             })
     }
 }
@@ -297,17 +313,17 @@ fn preset_allows(preset: AccessPreset, method: &str) -> bool {
 /// The request's query, decoded on first use.
 struct LazyQuery<'a> {
     raw: Option<&'a str>,
-    parsed: Option<Result<Query, target::MalformedQuery>>,
+    parsed: Option<Result<Query<'a>, target::MalformedQuery>>,
 }
 
-impl LazyQuery<'_> {
-    fn get(&mut self) -> &Result<Query, target::MalformedQuery> {
+impl<'a> LazyQuery<'a> {
+    fn get(&mut self) -> &Result<Query<'a>, target::MalformedQuery> {
         let raw = self.raw.unwrap_or("");
         self.parsed.get_or_insert_with(|| Query::parse(raw))
     }
 }
 
-fn any_glob(globs: &[Arc<GlobMatcher>], value: &str) -> bool {
+fn any_glob(globs: &[Arc<ValueGlob>], value: &str) -> bool {
     globs.iter().any(|g| g.is_match(value))
 }
 
@@ -351,10 +367,11 @@ impl CRule {
     }
 }
 
-/// Outcome of matching host, port, binary and address for one connection.
-enum L4 {
-    Allowed(Vec<u32>),
-    Denied(Reason),
+/// Why no endpoint admitted a connection (filled while matching, read only on a deny).
+#[derive(Default)]
+struct Misses {
+    binary: Option<u32>,
+    private: bool,
 }
 
 impl CompiledPolicy {
@@ -366,26 +383,30 @@ impl CompiledPolicy {
         self.endpoints.len()
     }
 
-    /// Calls `f` with every endpoint whose host pattern matches, in a fixed order.
+    /// Calls `f` with every endpoint whose host pattern matches, in a fixed order: exact names
+    /// first, then wildcards by longest literal suffix, then middle wildcards.
     fn for_each_host_match(&self, host: &QueryHost<'_>, mut f: impl FnMut(u32, &CEndpoint)) {
         let text = host.text();
-        let mut visit = |list: Option<&Vec<u32>>, check: bool| {
+        let mut visit = |list: Option<&Vec<u32>>| {
             for &i in list.into_iter().flatten() {
                 if let Some(ep) = self.endpoints.get(i as usize)
-                    && (!check || ep.host.matches_normalized(text))
+                    && ep
+                        .wildcard
+                        .as_deref()
+                        .is_none_or(|labels| host::wildcard_matches(labels, text))
                 {
                     f(i, ep);
                 }
             }
         };
-        visit(self.exact.get(text), false);
+        visit(self.exact.get(text));
         if let QueryHost::Name(name) = host {
             let mut rest: &str = name;
             while let Some((_, tail)) = rest.split_once('.') {
-                visit(self.by_suffix.get(tail), true);
+                visit(self.by_suffix.get(tail));
                 rest = tail;
             }
-            visit(Some(&self.other_wildcards), true);
+            visit(Some(&self.other_wildcards));
         }
     }
 
@@ -398,22 +419,27 @@ impl CompiledPolicy {
         found
     }
 
-    fn match_connection(&self, q: &ConnectionQuery<'_>) -> L4 {
-        let host = QueryHost::new(q.host);
-        let dest_ip = match &host {
+    /// Calls `f` with every endpoint that admits the connection (host, port, binary, address);
+    /// returns the deny decision when there is none.
+    fn match_connection(
+        &self,
+        q: &ConnectionQuery<'_>,
+        host: &QueryHost<'_>,
+        mut f: impl FnMut(u32, &CEndpoint),
+    ) -> Result<(), Reason> {
+        let dest_ip = match host {
             QueryHost::Ip(ip, _) => Some(*ip),
             QueryHost::Name(_) => q.dest_ip,
         };
         if let Some(ip) = dest_ip
             && let Some(class) = ip::classify_forbidden(ip)
         {
-            return L4::Denied(Reason::ForbiddenAddress { ip, class });
+            return Err(Reason::ForbiddenAddress { ip, class });
         }
-        let private_ip = dest_ip.filter(|ip| ip::is_private(*ip));
-        let mut matched = Vec::new();
-        let mut binary_miss: Option<u32> = None;
-        let mut private_miss = false;
-        self.for_each_host_match(&host, |i, ep| {
+        let private_ip = dest_ip.filter(|ip| ip::is_private(*ip)).map(ip::unmap);
+        let mut found = false;
+        let mut misses = Misses::default();
+        self.for_each_host_match(host, |i, ep| {
             if !ep.ports.contains(&q.port) {
                 return;
             }
@@ -421,35 +447,36 @@ impl CompiledPolicy {
                 return;
             };
             if !block.allows_binary(q.binary, q.ancestors) {
-                binary_miss.get_or_insert(ep.block);
+                misses.binary.get_or_insert(ep.block);
                 return;
             }
-            if let Some(ip) = private_ip {
-                let unmapped = ip::unmap(ip);
-                if !ep.allowed_ips.iter().any(|n| n.contains(&unmapped)) {
-                    private_miss = true;
-                    return;
-                }
+            if let Some(ip) = private_ip
+                && !ep.allowed_ips.iter().any(|n| n.contains(&ip))
+            {
+                misses.private = true;
+                return;
             }
-            matched.push(i);
+            found = true;
+            f(i, ep);
         });
-        if !matched.is_empty() {
-            return L4::Allowed(matched);
+        if found {
+            return Ok(());
         }
-        if let (true, Some(ip)) = (private_miss, private_ip) {
-            return L4::Denied(Reason::PrivateAddress { ip });
-        }
-        if let Some(block) = binary_miss.and_then(|b| self.blocks.get(b as usize)) {
-            return L4::Denied(Reason::BinaryNotListed {
+        let reason = if let (true, Some(ip)) = (misses.private, private_ip) {
+            Reason::PrivateAddress { ip }
+        } else if let Some(block) = misses.binary.and_then(|b| self.blocks.get(b as usize)) {
+            Reason::BinaryNotListed {
                 block: block.name.clone(),
                 binary: q.binary.to_path_buf(),
                 ancestors: q.ancestors.to_vec(),
-            });
-        }
-        L4::Denied(Reason::NoEndpoint {
-            host: host.text().to_owned(),
-            port: q.port,
-        })
+            }
+        } else {
+            Reason::NoEndpoint {
+                host: host.text().to_owned(),
+                port: q.port,
+            }
+        };
+        Err(reason)
     }
 
     fn block_name(&self, ep: &CEndpoint) -> Arc<str> {
@@ -465,54 +492,52 @@ impl CompiledPolicy {
             block: Some(self.block_name(ep)),
             reason,
             inspection,
-            endpoint: Some(EndpointRef {
-                block: ep.block,
-                endpoint: ep.index,
-            }),
+            endpoint: Some(ep.reference()),
             canonical_target: None,
         }
     }
 
     /// L4: may this binary open this connection, and must its requests be inspected?
     pub fn decide_connection(&self, q: &ConnectionQuery<'_>) -> Decision {
-        let matched = match self.match_connection(q) {
-            L4::Allowed(m) => m,
-            L4::Denied(reason) => return Decision::deny(reason),
-        };
+        let host = QueryHost::new(q.host);
         // Most permissive first: passthrough, then `tls: skip`, then full inspection.
         let rank = |ep: &CEndpoint| match (&ep.rest, ep.tls) {
             (None, _) => 0,
             (Some(_), TlsMode::Skip) => 1,
             (Some(_), TlsMode::Auto) => 2,
         };
-        let best = matched
-            .iter()
-            .filter_map(|&i| self.endpoints.get(i as usize).map(|ep| (i, ep)))
-            .min_by_key(|(_, ep)| rank(ep));
-        let Some((_, ep)) = best else {
+        let mut best: Option<(u8, u32)> = None;
+        if let Err(deny) = self.match_connection(q, &host, |i, ep| {
+            let r = rank(ep);
+            if best.is_none_or(|(b, _)| r < b) {
+                best = Some((r, i));
+            }
+        }) {
+            return Decision::deny(deny);
+        }
+        let Some(ep) = best.and_then(|(_, i)| self.endpoints.get(i as usize)) else {
             return Decision::deny(Reason::NoEndpoint {
-                host: q.host.to_owned(),
+                host: host.text().to_owned(),
                 port: q.port,
             });
         };
-        let block = self.block_name(ep);
+        let reason = Reason::ConnectionAllowed {
+            block: self.block_name(ep),
+        };
         match ep.rest {
-            None => self.allow(ep, Reason::ConnectionAllowed { block }, Inspection::None),
-            Some(_) => self.allow(
-                ep,
-                Reason::ConnectionAllowed { block },
-                Inspection::http(ep.tls),
-            ),
+            None => self.allow(ep, reason, Inspection::None),
+            Some(_) => self.allow(ep, reason, Inspection::http(ep.tls)),
         }
     }
 
     /// L7: may this request be sent on this connection?
     pub fn decide_request(&self, q: &ConnectionQuery<'_>, req: &HttpRequestQuery<'_>) -> Decision {
-        let matched = match self.match_connection(q) {
-            L4::Allowed(m) => m,
-            L4::Denied(reason) => return Decision::deny(reason),
-        };
         let host = QueryHost::new(q.host);
+        let mut matched: Vec<u32> = Vec::new();
+        if let Err(deny) = self.match_connection(q, &host, |i, _| matched.push(i)) {
+            return Decision::deny(deny);
+        }
+        // Canonical targets by `allow_encoded_slash` (false, true), computed when first needed.
         let mut canon: [Option<Result<CanonicalTarget, TargetError>>; 2] = [None, None];
         // The query is the same whichever way the path is canonicalised; it is only read when
         // the path was accepted.
@@ -521,43 +546,42 @@ impl CompiledPolicy {
             parsed: None,
         };
 
-        let mut allowed: Option<u32> = None;
-        let mut passthrough: Option<u32> = None;
-        let mut violation: Option<(u32, Reason)> = None;
-        let mut refusal: Option<(u32, Reason)> = None;
+        let mut allowed: Option<&CEndpoint> = None;
+        let mut passthrough: Option<&CEndpoint> = None;
+        let mut violation: Option<(&CEndpoint, Reason)> = None;
+        let mut refusal: Option<(&CEndpoint, Reason)> = None;
 
         for &i in &matched {
             let Some(ep) = self.endpoints.get(i as usize) else {
                 continue;
             };
             let Some(rest) = &ep.rest else {
-                passthrough.get_or_insert(i);
+                passthrough.get_or_insert(ep);
                 continue;
             };
-            let block = self.block_name(ep);
             let audit = rest.enforcement == Enforcement::Audit;
             let slot = usize::from(rest.allow_encoded_slash);
             let target = canon[slot].get_or_insert_with(|| {
                 target::canonicalize(req.target, rest.allow_encoded_slash, host.text(), q.port)
             });
             let target = match target {
-                Ok(t) => t,
+                Ok(t) => &*t,
                 Err(error) => {
                     let reason = Reason::BadTarget {
-                        block,
+                        block: self.block_name(ep),
                         error: error.clone(),
                     };
                     if audit {
-                        violation.get_or_insert((i, reason));
+                        violation.get_or_insert((ep, reason));
                     } else {
-                        refusal.get_or_insert((i, reason));
+                        refusal.get_or_insert((ep, reason));
                     }
                     continue;
                 }
             };
             let path = target.matched.as_str();
             // For reasons: the checked path with the query as sent.
-            let shown = || match &target.query {
+            let shown = || match target.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_owned(),
             };
@@ -567,19 +591,16 @@ impl CompiledPolicy {
                 .any(|r| r.denies(req.method, path, &mut lazy))
             {
                 let reason = Reason::DeniedByRule {
-                    block,
+                    block: self.block_name(ep),
                     method: req.method.to_owned(),
                     path: shown(),
                 };
                 if audit {
-                    violation.get_or_insert((i, reason));
+                    violation.get_or_insert((ep, reason));
                     continue;
                 }
                 let mut d = Decision::deny(reason);
-                d.endpoint = Some(EndpointRef {
-                    block: ep.block,
-                    endpoint: ep.index,
-                });
+                d.endpoint = Some(ep.reference());
                 return d;
             }
             let ok = match &rest.allow {
@@ -587,74 +608,68 @@ impl CompiledPolicy {
                 CAllow::Rules(rules) => rules.iter().any(|r| r.allows(req.method, path, &mut lazy)),
             };
             if ok {
-                allowed.get_or_insert(i);
+                allowed.get_or_insert(ep);
             } else {
                 let reason = Reason::RequestNotPermitted {
-                    block,
+                    block: self.block_name(ep),
                     method: req.method.to_owned(),
                     path: shown(),
                 };
                 if audit {
-                    violation.get_or_insert((i, reason));
+                    violation.get_or_insert((ep, reason));
                 } else {
-                    refusal.get_or_insert((i, reason));
+                    refusal.get_or_insert((ep, reason));
                 }
             }
         }
 
-        let canonical = |ep: &CEndpoint| -> Option<String> {
+        let mut take_canonical = |ep: &CEndpoint| -> Option<String> {
             let slot = ep
                 .rest
                 .as_ref()
                 .map_or(0, |r| usize::from(r.allow_encoded_slash));
-            canon[slot]
-                .as_ref()
-                .and_then(|r| r.as_ref().ok())
-                .map(|t| t.wire.clone())
+            canon[slot].take().and_then(Result::ok).map(|t| t.wire)
         };
-        let get = |i: u32| self.endpoints.get(i as usize);
 
-        if let Some(ep) = allowed.and_then(get) {
-            let mut d = self.allow(
-                ep,
-                Reason::RequestAllowed {
-                    block: self.block_name(ep),
-                },
-                Inspection::http(ep.tls),
-            );
-            d.canonical_target = canonical(ep);
+        if let Some(ep) = allowed {
+            let reason = Reason::RequestAllowed {
+                block: self.block_name(ep),
+            };
+            let mut d = self.allow(ep, reason, Inspection::http(ep.tls));
+            d.canonical_target = take_canonical(ep);
             return d;
         }
-        if let Some(ep) = passthrough.and_then(get) {
-            return self.allow(
-                ep,
-                Reason::Passthrough {
-                    block: self.block_name(ep),
-                },
-                Inspection::None,
-            );
+        if let Some(ep) = passthrough {
+            let reason = Reason::Passthrough {
+                block: self.block_name(ep),
+            };
+            return self.allow(ep, reason, Inspection::None);
         }
-        if let Some((i, reason)) = violation
-            && let Some(ep) = get(i)
-        {
+        if let Some((ep, reason)) = violation {
             let mut d = self.allow(ep, reason, Inspection::http(ep.tls));
             d.audit = true;
-            d.canonical_target = canonical(ep);
+            d.canonical_target = take_canonical(ep);
             return d;
         }
         match refusal {
-            Some((i, reason)) => {
+            Some((ep, reason)) => {
                 let mut d = Decision::deny(reason);
-                d.endpoint = get(i).map(|ep| EndpointRef {
-                    block: ep.block,
-                    endpoint: ep.index,
-                });
+                d.endpoint = Some(ep.reference());
                 d
             }
             None => Decision::deny(Reason::NoEndpoint {
                 host: host.text().to_owned(),
                 port: q.port,
             }),
+        }
+    }
+}
+
+impl CEndpoint {
+    fn reference(&self) -> EndpointRef {
+        EndpointRef {
+            block: self.block,
+            endpoint: self.index,
         }
     }
 }

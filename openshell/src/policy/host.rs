@@ -223,7 +223,7 @@ impl HostPattern {
     }
 }
 
-fn wildcard_matches(labels: &[Label], host: &str) -> bool {
+pub(crate) fn wildcard_matches(labels: &[Label], host: &str) -> bool {
     let Some((first, rest)) = labels.split_first() else {
         return false;
     };

@@ -12,6 +12,7 @@
 //! `wire`, the same path re-encoded where a byte may not appear in a path; the upstream receives
 //! `wire`, so what was checked is what is sent.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Serialize;
@@ -53,8 +54,15 @@ pub struct CanonicalTarget {
     pub matched: String,
     /// Canonical path as sent upstream, followed by `?` and the raw query when there is one.
     pub wire: String,
+    /// Where the query starts in `wire` (after the `?`), if there is one.
+    query_start: Option<usize>,
+}
+
+impl CanonicalTarget {
     /// The raw query (without `?`), not decoded.
-    pub query: Option<String>,
+    pub fn query(&self) -> Option<&str> {
+        self.query_start.and_then(|i| self.wire.get(i..))
+    }
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -156,48 +164,47 @@ pub fn canonicalize(
     let (path, query) = split_target(target, host, port)?;
 
     // Segment by raw `/`; each segment is decoded on its own so an encoded slash stays inside it.
-    let mut segments: Vec<String> = Vec::new();
-    let raw_segments: Vec<&str> = path[1..].split('/').collect();
-    let last = raw_segments.len() - 1;
+    let mut segments: Vec<Cow<'_, str>> = Vec::new();
     let mut trailing_slash = false;
-    for (i, raw) in raw_segments.into_iter().enumerate() {
+    let mut raw_segments = path[1..].split('/').peekable();
+    while let Some(raw) = raw_segments.next() {
+        let is_last = raw_segments.peek().is_none();
         let decoded = decode_segment(raw, allow_encoded_slash)?;
         // Step 3: strip `;params`.
         let seg = match decoded.find(';') {
-            Some(j) => &decoded[..j],
-            None => decoded.as_str(),
+            Some(j) => match decoded {
+                Cow::Borrowed(d) => Cow::Borrowed(&d[..j]),
+                Cow::Owned(mut d) => {
+                    d.truncate(j);
+                    Cow::Owned(d)
+                }
+            },
+            None => decoded,
         };
-        if allow_encoded_slash && seg.contains("%2F") {
-            // A dot segment behind an encoded slash would become real if any hop decoded it.
-            if seg.split("%2F").any(|part| part == "." || part == "..") {
-                return Err(TargetError::HiddenDotSegment);
-            }
+        // A dot segment behind an encoded slash would become real if any hop decoded it.
+        if allow_encoded_slash
+            && seg.contains("%2F")
+            && seg.split("%2F").any(|part| part == "." || part == "..")
+        {
+            return Err(TargetError::HiddenDotSegment);
         }
         // Step 4: resolve dot segments.
-        match seg {
-            "." => {
-                if i == last {
-                    trailing_slash = true;
-                }
-            }
+        match &*seg {
+            "." => trailing_slash = is_last,
             ".." => {
                 if segments.pop().is_none() {
                     return Err(TargetError::AboveRoot);
                 }
-                if i == last {
-                    trailing_slash = true;
-                }
+                trailing_slash = is_last;
             }
+            "" => trailing_slash = is_last,
+            // Step 5 (collapsing `//`) drops the empty segments above.
             _ => {
-                if i == last && seg.is_empty() {
-                    trailing_slash = true;
-                }
-                segments.push(seg.to_owned());
+                trailing_slash = false;
+                segments.push(seg);
             }
         }
     }
-    // Step 5: collapse `//`.
-    segments.retain(|s| !s.is_empty());
 
     let mut matched = String::with_capacity(path.len());
     for s in &segments {
@@ -209,18 +216,23 @@ pub fn canonicalize(
     }
     let mut wire = String::with_capacity(matched.len() + query.map_or(0, |q| q.len() + 1));
     encode_path(&matched, &mut wire);
+    let mut query_start = None;
     if let Some(q) = query {
         wire.push('?');
+        query_start = Some(wire.len());
         wire.push_str(q);
     }
     Ok(CanonicalTarget {
         matched,
         wire,
-        query: query.map(str::to_owned),
+        query_start,
     })
 }
 
-fn decode_segment(raw: &str, allow_encoded_slash: bool) -> Result<String, TargetError> {
+fn decode_segment(raw: &str, allow_encoded_slash: bool) -> Result<Cow<'_, str>, TargetError> {
+    if !raw.contains('%') {
+        return Ok(Cow::Borrowed(raw));
+    }
     let b = raw.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut literal_percents = Vec::new();
@@ -261,7 +273,9 @@ fn decode_segment(raw: &str, allow_encoded_slash: bool) -> Result<String, Target
             return Err(TargetError::DoubleEncodedSlash);
         }
     }
-    String::from_utf8(out).map_err(|_| TargetError::NotUtf8)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| TargetError::NotUtf8)
 }
 
 /// Re-encodes a decoded canonical path for the wire. A `%` that starts `%2F` is the kept
@@ -288,10 +302,10 @@ fn encode_path(matched: &str, out: &mut String) {
 }
 
 /// A query string decoded into key/value pairs (`+` is a space, `%XX` decoded; a key without
-/// `=` has an empty value).
+/// `=` has an empty value). Borrows from the raw query where nothing needs decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Query {
-    pairs: Vec<(String, String)>,
+pub struct Query<'a> {
+    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
 /// A query escape that does not decode.
@@ -304,7 +318,10 @@ impl fmt::Display for MalformedQuery {
     }
 }
 
-fn decode_component(s: &str) -> Result<String, MalformedQuery> {
+fn decode_component(s: &str) -> Result<Cow<'_, str>, MalformedQuery> {
+    if !s.contains(['%', '+']) {
+        return Ok(Cow::Borrowed(s));
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -330,11 +347,13 @@ fn decode_component(s: &str) -> Result<String, MalformedQuery> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| MalformedQuery)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| MalformedQuery)
 }
 
-impl Query {
-    pub fn parse(raw: &str) -> Result<Self, MalformedQuery> {
+impl<'a> Query<'a> {
+    pub fn parse(raw: &'a str) -> Result<Self, MalformedQuery> {
         let mut pairs = Vec::new();
         for part in raw.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
@@ -344,11 +363,11 @@ impl Query {
     }
 
     /// Every value given for `key`, in order.
-    pub fn values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn values<'q>(&'q self, key: &'q str) -> impl Iterator<Item = &'q str> + 'q {
         self.pairs
             .iter()
             .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| &**v)
     }
 }
 
@@ -414,7 +433,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.matched, "/a b/%/c?d");
         assert_eq!(c.wire, "/a%20b/%25/c%3Fd?x=%41");
-        assert_eq!(c.query.as_deref(), Some("x=%41"));
+        assert_eq!(c.query(), Some("x=%41"));
     }
 
     #[test]

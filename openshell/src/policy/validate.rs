@@ -718,6 +718,29 @@ fn validate_endpoint(
         allowed_ips.push(net.trunc());
     }
 
+    // An IP-literal host that destination safety would always refuse is a mistake to report.
+    if let (Some(h), Some(ip)) = (&raw.host, host.as_ref().and_then(HostPattern::ip)) {
+        if let Some(class) = classify_forbidden(ip) {
+            c.push(
+                pos(h),
+                format!("{base}.host"),
+                format!("host {ip} is a {class} address; connections to it are always denied"),
+                Some("remove the endpoint; loopback, link-local, multicast and unspecified addresses are never reachable from a sandbox"),
+            );
+        } else if super::ip::is_private(ip)
+            && !allowed_ips
+                .iter()
+                .any(|n: &IpNet| n.contains(&super::ip::unmap(ip)))
+        {
+            c.push(
+                pos(h),
+                format!("{base}.host"),
+                format!("host {ip} is a private address, reachable only through `allowed_ips`"),
+                Some("add `allowed_ips: [<the address or its network>]` to this endpoint"),
+            );
+        }
+    }
+
     let rest = if is_rest {
         validate_rest(base, raw, c)
     } else {

@@ -166,9 +166,6 @@ fn ip_literal_safety() {
     endpoints:
       - { host: 198.18.0.10, port: 80 }
       - { host: 10.1.2.3, port: 80, allowed_ips: [10.0.0.0/8] }
-      - { host: 192.168.1.1, port: 80 }
-      - { host: 127.0.0.1, port: 80 }
-      - { host: 169.254.169.254, port: 80 }
     binaries: [{ path: /usr/bin/curl }]
 "#,
     );
@@ -177,7 +174,7 @@ fn ip_literal_safety() {
     assert!(allowed(&d("10.1.2.3")));
     assert_eq!(
         d("192.168.1.1").reason.to_string(),
-        "destination 192.168.1.1 is a private address and no matching endpoint lists it in allowed_ips"
+        "no endpoint matches 192.168.1.1:80"
     );
     assert_eq!(
         d("127.0.0.1").reason.to_string(),
@@ -190,6 +187,8 @@ fn ip_literal_safety() {
     assert!(!allowed(&d("::ffff:127.0.0.1")));
     assert!(!allowed(&d("0.0.0.0")));
     assert!(!allowed(&d("[::1]")));
+    assert!(!allowed(&d("[fe80::1]")));
+    assert!(!allowed(&d("224.0.0.1")));
 }
 
 #[test]
@@ -210,7 +209,10 @@ fn resolved_addresses_are_checked() {
         })
     };
     assert!(allowed(&with_ip("public.example.com", "140.82.112.6")));
-    assert!(!allowed(&with_ip("public.example.com", "10.0.0.5")));
+    assert_eq!(
+        with_ip("public.example.com", "10.0.0.5").reason.to_string(),
+        "destination 10.0.0.5 is a private address and no matching endpoint lists it in allowed_ips"
+    );
     assert!(!allowed(&with_ip("public.example.com", "127.0.0.1")));
     assert!(!allowed(&with_ip("public.example.com", "100.64.1.1")));
     assert!(allowed(&with_ip("internal.example.com", "10.0.0.5")));

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::super::glob::path_matcher;
+use super::super::glob::{PathGlob, ValueGlob, path_matcher, value_glob};
 use super::super::{HttpRequestQuery, Verdict, canonicalize};
 use super::decide::{compile, conn};
 
@@ -41,11 +41,30 @@ proptest! {
         let narrow = format!("/{}", pattern.join("/"));
         let wide = format!("/{}", wider.join("/"));
         let path = format!("/{}", path.join("/"));
-        let n = path_matcher(&narrow).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let w = path_matcher(&wide).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let n = PathGlob::new(&narrow).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let w = PathGlob::new(&wide).map_err(|e| TestCaseError::fail(e.to_string()))?;
         if n.is_match(&path) {
             prop_assert!(w.is_match(&path), "{} matches {} but {} does not", narrow, path, wide);
         }
+    }
+
+    /// The segment matcher (no regex) agrees with globset on every pattern it accepts.
+    #[test]
+    fn fast_path_globs_agree_with_globset(
+        pattern in prop::collection::vec(prop::sample::select(vec!["a", "b", "", "*", "a*", "*b", "a*b", "**"]), 0..5),
+        path in prop::collection::vec(prop::sample::select(vec!["a", "b", "ab", "", "ba", "aab"]), 0..6),
+        value in "[ab*.-]{0,6}",
+        value_pattern in "[ab*.-]{0,5}",
+    ) {
+        let pattern = format!("/{}", pattern.join("/"));
+        let path = format!("/{}", path.join("/"));
+        let fast = PathGlob::new(&pattern).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let slow = path_matcher(&pattern).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(fast.is_match(&path), slow.is_match(&path), "{} vs {}", pattern, path);
+
+        let fast = ValueGlob::new(&value_pattern).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let slow = value_glob(&value_pattern).map_err(|e| TestCaseError::fail(e.to_string()))?.compile_matcher();
+        prop_assert_eq!(fast.is_match(&value), slow.is_match(&value), "{} vs {}", value_pattern, value);
     }
 
     #[test]

@@ -233,6 +233,10 @@ fn every_listed_error_has_a_precise_message() {
             endpoint("host: a.example.com\n        port: 443\n        allowed_ips: [127.0.0.0/8, 169.254.169.254, not-an-ip]"),
         ),
         (
+            "ip_literal_hosts",
+            "version: 1\nnetwork_policies:\n  b:\n    endpoints:\n      - { host: 127.0.0.1, port: 80 }\n      - { host: \"[fe80::1]\", port: 80 }\n      - { host: 10.0.0.5, port: 80 }\n      - { host: 10.0.0.6, port: 80, allowed_ips: [10.0.0.0/24] }\n    binaries: [{ path: /usr/bin/curl }]\n".to_owned(),
+        ),
+        (
             "binaries_empty",
             "version: 1\nnetwork_policies:\n  b:\n    endpoints:\n      - { host: a.example.com, port: 443 }\n    binaries: []\n".to_owned(),
         ),
