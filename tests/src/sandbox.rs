@@ -1,5 +1,5 @@
-//! Helpers for tests that launch real sandboxed processes: the openshell binary, per-test
-//! directories and cgroup, running a program to completion with a deadline, host fixtures.
+//! Helpers for tests that launch real sandboxed processes: per-test directories and cgroup,
+//! running a program to completion with a deadline, host fixtures.
 
 use std::ffi::OsString;
 use std::fs;
@@ -17,96 +17,25 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use openshell::sandbox::{EnforcementReport, LaunchSpec, SandboxError, SandboxStdio};
 
+use crate::TestCgroup;
+
 /// Longest any sandboxed test program may run.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `PATH` sandboxed test programs get.
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The openshell binary: `$OPENSHELL_BIN`, else `target/<profile>/openshell` next to the test
-/// executable (`target/<profile>/deps/<test>`). `cargo xtask test` builds it first.
-pub fn openshell_bin() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("OPENSHELL_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|profile_dir| profile_dir.join("openshell"))
-        .context("the test executable has no target/<profile> directory")?;
-    if !candidate.is_file() {
-        bail!(
-            "{} does not exist; build it first (`cargo build --workspace`) or set OPENSHELL_BIN",
-            candidate.display()
-        );
-    }
-    Ok(candidate)
-}
-
 /// Whether this process can launch sandboxes; prints why not when it cannot.
 pub fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
+    if crate::is_root() {
         return true;
     }
     eprintln!("skipped: launching sandboxes needs root");
     false
 }
 
-/// The cgroup v2 mount point, from /proc/mounts (never assumed).
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            (kind == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .next()
-        .context("no cgroup2 filesystem is mounted")
-}
-
-/// A cgroup for one test; dropping it kills whatever still runs in it and removes it.
-#[derive(Debug)]
-pub struct TestCgroup {
-    pub dir: PathBuf,
-}
-
-impl TestCgroup {
-    pub fn new(name: &str) -> anyhow::Result<Self> {
-        let dir = cgroup2_root()?.join(format!("openshell-test-{name}-{}", std::process::id()));
-        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
-        Ok(Self { dir })
-    }
-
-    /// Processes currently in the cgroup.
-    pub fn pids(&self) -> anyhow::Result<Vec<i32>> {
-        let procs = fs::read_to_string(self.dir.join("cgroup.procs"))?;
-        Ok(procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect())
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = fs::write(self.dir.join("cgroup.kill"), "1");
-        // rmdir fails with EBUSY until the killed processes are gone; bounded wait.
-        for _ in 0..200 {
-            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.dir.display());
-    }
-}
-
 /// Per-test state: a temporary root with the sandbox's working and temporary directories, and
 /// a cgroup.
-#[derive(Debug)]
 pub struct TestSandbox {
     pub root: tempfile::TempDir,
     pub workdir: PathBuf,
@@ -123,7 +52,7 @@ impl TestSandbox {
         let tmpdir = root.path().join("tmp");
         fs::create_dir(&workdir)?;
         fs::create_dir(&tmpdir)?;
-        let cgroup = TestCgroup::new(name)?;
+        let cgroup = TestCgroup::new(name);
         Ok(Self {
             root,
             workdir,
@@ -139,14 +68,14 @@ impl TestSandbox {
             argv.iter().map(OsString::from).collect(),
             self.workdir.clone(),
             self.tmpdir.clone(),
-            openshell_bin()?,
+            crate::openshell_bin(),
         );
         spec.env = vec![
             ("PATH".into(), SANDBOX_PATH.into()),
             ("HOME".into(), "/sandbox".into()),
             ("LANG".into(), "C.UTF-8".into()),
         ];
-        spec.cgroup_dir = Some(self.cgroup.dir.clone());
+        spec.cgroup_dir = Some(self.cgroup.path().to_path_buf());
         spec.filesystem.read_only = vec!["/usr".into(), "/lib".into(), "/etc".into()];
         spec.filesystem.read_write = vec!["/sandbox".into(), "/tmp".into()];
         Ok(spec)
@@ -299,7 +228,7 @@ pub fn host_command(
     // after the uid switch.
     let procs = fs::OpenOptions::new()
         .write(true)
-        .open(cgroup.dir.join("cgroup.procs"))
+        .open(cgroup.path().join("cgroup.procs"))
         .context("opening cgroup.procs")?;
     let mut command = std::process::Command::new(program);
     // std drops the supplementary groups when root sets a uid.

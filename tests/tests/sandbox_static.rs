@@ -176,12 +176,13 @@ fn id_shows_the_sandbox_user_and_the_process_joins_its_cgroup() -> anyhow::Resul
     let (uid, gid) = sandbox_ids()?;
     assert_ne!(uid, 0);
     let lines: Vec<&str> = finished.stdout.lines().collect();
+    let cgroup2 = openshell::cgroup::cgroup2_mount()?;
     let cgroup_name = sandbox
         .cgroup
-        .dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("name")?;
+        .path()
+        .strip_prefix(&cgroup2)?
+        .to_str()
+        .context("utf-8")?;
     assert_eq!(
         lines,
         [
@@ -197,7 +198,7 @@ fn id_shows_the_sandbox_user_and_the_process_joins_its_cgroup() -> anyhow::Resul
     assert_eq!((report.identity.uid, report.identity.gid), (uid, gid));
     assert_eq!(report.identity.user, "sandbox");
     assert!(report.no_new_privs && report.capabilities.effective_permitted_empty);
-    assert_eq!(report.cgroup.as_deref(), Some(sandbox.cgroup.dir.as_path()));
+    assert_eq!(report.cgroup.as_deref(), Some(sandbox.cgroup.path()));
     Ok(())
 }
 
@@ -627,7 +628,7 @@ fn hard_requirement_fails_before_the_command_runs() -> anyhow::Result<()> {
     insta::assert_snapshot!(err.to_string());
     assert!(!sandbox.workdir.join("ran").exists(), "the command ran");
     // The init process is reaped and gone: the cgroup is empty.
-    assert_eq!(sandbox.cgroup.pids()?, Vec::<i32>::new());
+    assert_eq!(sandbox.cgroup.cgroup().pids()?, Vec::<i32>::new());
     Ok(())
 }
 

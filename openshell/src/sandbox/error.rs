@@ -95,7 +95,7 @@ impl SandboxError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
-    /// Reading the spec from the parent.
+    /// Reading the request from the launcher and preparing the process (fds, signals).
     Spec,
     /// Joining the sandbox's cgroup.
     Cgroup,

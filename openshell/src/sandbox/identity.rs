@@ -277,7 +277,6 @@ pub(crate) fn switch(identity: &Identity) -> Result<IdentityReport, SetupError> 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test should fail loudly on any error")]
 mod tests {
     use super::*;
 

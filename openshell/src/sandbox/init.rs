@@ -417,7 +417,6 @@ fn candidates(program: &OsStr, search_path: &OsStr) -> Vec<PathBuf> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test should fail loudly on any error")]
 mod tests {
     use super::*;
 

@@ -398,6 +398,65 @@ mod tests {
         }
     }
 
+    fn applied_error(kernel: u32) -> SetupError {
+        match apply(&[], Compatibility::HardRequirement, kernel) {
+            Ok(_) => panic!("hard_requirement accepted kernel ABI {kernel}"),
+            Err(err) => err,
+        }
+    }
+
+    // These never reach landlock_restrict_self: the checks come first.
+    #[test]
+    fn hard_requirement_refuses_an_old_or_missing_landlock() {
+        let err = applied_error(5);
+        assert_eq!(err.step, Step::Landlock);
+        assert!(
+            err.message
+                .starts_with("the kernel offers Landlock ABI 5, openshell needs ABI 6"),
+            "{err}"
+        );
+        let err = applied_error(0);
+        assert!(
+            err.message.starts_with("the kernel has no Landlock"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn best_effort_without_landlock_warns_and_reports_not_enforced() {
+        let planned = plan(&FsRules::default(), Path::new("/sandbox"), &[]);
+        let applied = apply(&planned, Compatibility::BestEffort, 0).unwrap();
+        assert_eq!(applied.report.status, LandlockStatus::NotEnforced);
+        assert_eq!(applied.report.abi, 0);
+        assert_eq!(
+            applied.warnings,
+            [
+                "landlock: the kernel has no Landlock; filesystem_policy is NOT enforced (best_effort)"
+            ]
+        );
+    }
+
+    #[test]
+    fn hard_requirement_names_the_missing_user_path() {
+        let fs = FsRules {
+            read_only: vec!["/openshell-no-such-dir".into()],
+            ..FsRules::default()
+        };
+        let planned = plan(&fs, Path::new("/sandbox"), &[]);
+        let err = match apply(&planned, Compatibility::HardRequirement, 7) {
+            Ok(_) => panic!("a missing path was accepted"),
+            Err(err) => err,
+        };
+        assert_eq!(
+            err.path.as_deref(),
+            Some(Path::new("/openshell-no-such-dir"))
+        );
+        assert!(
+            err.message
+                .starts_with("this filesystem_policy.read_only path does not exist")
+        );
+    }
+
     #[test]
     fn file_rules_get_file_rights_only() {
         let abi = ABI::V5;

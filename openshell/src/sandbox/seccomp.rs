@@ -264,7 +264,6 @@ pub(crate) fn apply() -> Result<SeccompReport, SetupError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test should fail loudly on any error")]
 mod tests {
     use super::*;
 

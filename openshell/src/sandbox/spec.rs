@@ -8,15 +8,13 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::SandboxError;
+// The policy language's limits, checked again for specs that do not come from a policy file.
+use crate::policy::{MAX_FILESYSTEM_PATHS as MAX_PATHS, MAX_PATH_LEN};
 
 /// Mount point of the sandbox's working directory inside the sandbox.
 pub const SANDBOX_DIR: &str = "/sandbox";
 /// Mount point of the sandbox's private temporary directory inside the sandbox.
 pub const TMP_DIR: &str = "/tmp";
-/// Longest path accepted in a filesystem rule (PATH_MAX).
-pub const MAX_PATH_LEN: usize = 4096;
-/// Most paths accepted across `read_only` and `read_write`.
-pub const MAX_PATHS: usize = 4096;
 
 /// A program to run in a sandbox and the static restrictions it runs under.
 ///
@@ -77,6 +75,25 @@ impl std::fmt::Display for Compatibility {
             Self::BestEffort => "best_effort",
             Self::HardRequirement => "hard_requirement",
         })
+    }
+}
+
+impl From<crate::policy::Compatibility> for Compatibility {
+    fn from(value: crate::policy::Compatibility) -> Self {
+        match value {
+            crate::policy::Compatibility::BestEffort => Self::BestEffort,
+            crate::policy::Compatibility::HardRequirement => Self::HardRequirement,
+        }
+    }
+}
+
+impl From<&crate::policy::FilesystemPolicy> for FsRules {
+    fn from(policy: &crate::policy::FilesystemPolicy) -> Self {
+        Self {
+            read_only: policy.read_only.clone(),
+            read_write: policy.read_write.clone(),
+            include_workdir: policy.include_workdir,
+        }
     }
 }
 
@@ -237,7 +254,6 @@ fn check_path(field: &str, path: &Path) -> Result<(), SandboxError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test should fail loudly on any error")]
 mod tests {
     use super::*;
 
@@ -255,6 +271,23 @@ mod tests {
             Ok(()) => panic!("spec was accepted: {spec:?}"),
             Err(err) => err.to_string(),
         }
+    }
+
+    #[test]
+    fn policy_sections_convert() {
+        let policy = crate::policy::FilesystemPolicy {
+            read_only: vec!["/usr".into()],
+            read_write: vec!["/data".into()],
+            include_workdir: true,
+        };
+        let rules = FsRules::from(&policy);
+        assert_eq!(rules.read_only, policy.read_only);
+        assert_eq!(rules.read_write, policy.read_write);
+        assert!(rules.include_workdir);
+        assert_eq!(
+            Compatibility::from(crate::policy::Compatibility::HardRequirement),
+            Compatibility::HardRequirement
+        );
     }
 
     #[test]
