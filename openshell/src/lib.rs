@@ -10,6 +10,6 @@ pub mod config;
 pub mod ebpf;
 pub mod gateway;
 pub mod policy;
-pub mod sandbox;
 pub mod proxy;
+pub mod sandbox;
 pub mod store;

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-pub mod gateway;
 pub mod dns;
+pub mod gateway;
 pub mod netns;
 pub mod sandbox;
 

@@ -6,7 +6,6 @@
 //! - `bench`  runs the benchmarks whose figures go to BENCHMARKS.md.
 //! - `lint`   rustfmt check, clippy for the user-space crates and for the eBPF crate.
 
-mod demo;
 mod setup;
 
 use std::{
@@ -129,9 +128,19 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn demo(root: &Path) -> Result<()> {
-    status(cargo(root).args(["build", "-p", "openshell"]))?;
-    let bin = root.join("target/debug/openshell");
-    demo::run(root, &bin)
+    if !setup::is_root() {
+        bail!("the demo creates cgroups, eBPF programs and a network namespace: run it as root");
+    }
+    status(
+        cargo(root)
+            .args(["build", "-p", "openshell", "-p", "openshell-tests"])
+            .args(["--bin", "openshell", "--bin", "openshell-demo"]),
+    )?;
+    status(
+        Command::new(root.join("target/debug/openshell-demo"))
+            .env("OPENSHELL_BIN", root.join("target/debug/openshell"))
+            .current_dir(root),
+    )
 }
 
 fn bench(root: &Path, filter: Option<&str>) -> Result<()> {
