@@ -131,7 +131,8 @@ fn detach_removes_enforcement_and_pins() -> anyhow::Result<()> {
         .as_mut()
         .expect("interceptor")
         .detach(&cgroup)?;
-    let links = std::fs::read_dir(fx.bpffs_dir.join("v1").join("links"))?.count();
+    let version = format!("v{}", openshell::ebpf::LAYOUT_VERSION);
+    let links = std::fs::read_dir(fx.bpffs_dir.join(version).join("links"))?.count();
     assert_eq!(links, 0, "no link pins left");
 
     let mut cmd = fx.command_in_cgroup(PROBE);
