@@ -380,3 +380,120 @@ fn outbound_connections_work_end_to_end_with_the_ingress_filter() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Makes `127.0.0.1` reachable from the peer over the veth pair, as on a host where
+/// `route_localnet` is on (kube-proxy sets it; CVE-2020-8558): the test host accepts packets
+/// for `127.0.0.0/8` on its veth end, and the peer routes `127.0.0.1` to the test host.
+/// Both settings go away with the namespace (the sysctl belongs to the veth device).
+fn route_peer_loopback_to_host(net: &TestNet) -> anyhow::Result<()> {
+    let sysctl = format!(
+        "/proc/sys/net/ipv4/conf/{}/route_localnet",
+        net.host_interface()
+    );
+    std::fs::write(&sysctl, "1")?;
+    let (host, peer) = (net.host_v4().to_string(), net.ns_v4().to_string());
+    for args in [
+        &[
+            "route",
+            "del",
+            "local",
+            "127.0.0.0/8",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ][..],
+        &[
+            "route",
+            "del",
+            "local",
+            "127.0.0.1",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ][..],
+        &["route", "add", "127.0.0.1/32", "via", &host, "src", &peer][..],
+    ] {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(net.name())
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Runs `ebpf-probe udp-recv 127.0.0.1:PORT` while the peer sends datagrams to that address
+/// over the veth pair; returns the probe's line.
+fn udp_from_peer_to_loopback(fx: &Fixture, net: &TestNet, inside: bool) -> anyhow::Result<String> {
+    let port = free_port()?;
+    let dst = SocketAddr::new(LO4, port);
+    let mut cmd = if inside {
+        fx.command_in_cgroup(PROBE)
+    } else {
+        Command::new(PROBE)
+    };
+    cmd.arg("udp-recv").arg(dst.to_string());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| -> anyhow::Result<String> {
+        let sender = s.spawn(|| {
+            net.run(|| -> anyhow::Result<()> {
+                let socket = std::net::UdpSocket::bind((net.ns_v4(), 0))?;
+                // Bounded: at most 50 datagrams, 100 ms apart, until the probe has answered.
+                for _ in 0..50 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    socket.send_to(b"from-peer", dst)?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            })
+        });
+        let probe = Probe::spawn(cmd);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.join().expect("sender thread")??;
+        Ok(probe?.line.clone())
+    })
+}
+
+/// With `route_localnet` on, other hosts can send to `127.0.0.1` through a real interface. The
+/// ingress program also checks that a packet came in on the loopback device, so a sandbox's
+/// loopback listener still hears nothing from them.
+#[test]
+fn loopback_listeners_ignore_other_hosts_even_with_route_localnet() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let net = TestNet::new()?;
+    let fx = Fixture::new("localnet")?;
+    route_peer_loopback_to_host(&net)?;
+
+    // The attack path works: a loopback socket outside the cgroup hears the peer.
+    let outside = udp_from_peer_to_loopback(&fx, &net, false)?;
+    assert!(
+        outside.starts_with(&format!("ok from={}:", net.ns_v4())),
+        "{outside}"
+    );
+
+    let before = fx.interceptor().counters()?.ingress_dropped;
+    let inside = udp_from_peer_to_loopback(&fx, &net, true)?;
+    assert_eq!(
+        inside,
+        format!(
+            "err errno={} Resource temporarily unavailable (os error {})",
+            libc::EAGAIN,
+            libc::EAGAIN
+        ),
+        "a sandboxed loopback socket heard another host"
+    );
+    assert!(fx.interceptor().counters()?.ingress_dropped > before);
+    Ok(())
+}

@@ -6,6 +6,8 @@
 //! - `ebpf-probe udp-sendto ADDR` / `udp-connect ADDR`: send a DNS-shaped query, print
 //!   `ok from=.. peer=.. reply=<hex>` for the first answer (5 s timeout).
 //! - `ebpf-probe tcp-echo ADDR`: connect, send `ping\n`, print `ok local=.. reply=<line>`.
+//! - `ebpf-probe udp-recv ADDR`: bind a UDP socket to ADDR, wait up to 3 s for one datagram,
+//!   print `ok from=.. data=..`.
 //! - `ebpf-probe listen ADDR|auto4|auto6 [--udp]`: bind to ADDR (TCP: and listen), or for
 //!   `auto4`/`auto6` create a TCP socket and `listen()` without `bind()` (the kernel autobinds to
 //!   the wildcard address); print `ok local=..` (what `getsockname` says), then wait for stdin to
@@ -89,6 +91,14 @@ fn run(args: &[String]) -> std::io::Result<()> {
             let mut sink = Vec::new();
             std::io::stdin().read_to_end(&mut sink)?;
             drop(stream);
+            Ok(())
+        }
+        "udp-recv" => {
+            let socket = UdpSocket::bind(addr)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            println!("ok from={from} data={}", String::from_utf8_lossy(&buf[..n]));
             Ok(())
         }
         "udp-sendto" | "udp-connect" => {
