@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 
 const EBPF_PACKAGE: &str = "openshell-ebpf";
+const COMMON_PACKAGE: &str = "openshell-common";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(
@@ -23,10 +24,16 @@ fn main() -> anyhow::Result<()> {
         PathBuf::from(std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     share_nested_target_dir(&out_dir)?;
 
-    let ebpf_dir = manifest_dir
+    let workspace = manifest_dir
         .parent()
-        .ok_or_else(|| anyhow!("openshell crate has no parent directory"))?
-        .join(EBPF_PACKAGE);
+        .ok_or_else(|| anyhow!("openshell crate has no parent directory"))?;
+    // aya-build only watches the eBPF package itself; the programs also compile in the shared
+    // types and decisions, so a change there must rebuild them too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join(COMMON_PACKAGE).display()
+    );
+    let ebpf_dir = workspace.join(EBPF_PACKAGE);
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("path {} is not UTF-8", ebpf_dir.display()))?;

@@ -23,7 +23,7 @@ pub use net::{Endpoint, Ipv4Be, Ipv6Be, PortBe};
 /// Version of the pinned map layout. Bump it whenever any type in this crate that lives in a
 /// pinned map changes; pins of another version are never reused (user space keeps them in a
 /// directory named after the version).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `AF_INET`, as stored in [`Endpoint::family`].
 pub const AF_INET: u16 = 2;
@@ -97,11 +97,19 @@ pub enum Counter {
     RecordFailed = 6,
     /// The executable identity could not be read (kernel thread, or a read failed).
     ExeUnknown = 7,
+    /// A bind to a wildcard address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) was rewritten to the
+    /// loopback address of its family.
+    BindToLoopback = 8,
+    /// A bind to a specific address other than loopback was refused with EPERM.
+    BindDenied = 9,
+    /// An inbound packet for a sandboxed socket was dropped because it did not arrive on the
+    /// loopback device for a loopback address.
+    IngressDropped = 10,
 }
 
 impl Counter {
     /// Number of counters (the size of the counters map).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 11;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::TcpRedirected,
@@ -112,6 +120,9 @@ impl Counter {
         Self::OtherProtocolDenied,
         Self::RecordFailed,
         Self::ExeUnknown,
+        Self::BindToLoopback,
+        Self::BindDenied,
+        Self::IngressDropped,
     ];
 }
 

@@ -9,6 +9,17 @@ use crate::{AF_INET, AF_INET6};
 pub struct Ipv4Be(pub u32);
 
 impl Ipv4Be {
+    /// `0.0.0.0`.
+    pub const UNSPECIFIED: Self = Self(0);
+    /// `127.0.0.1`.
+    pub const LOOPBACK: Self = Self::from_octets([127, 0, 0, 1]);
+
+    /// Whether the address is in `127.0.0.0/8`.
+    #[must_use]
+    pub const fn is_loopback(self) -> bool {
+        self.octets()[0] == 127
+    }
+
     /// From the four octets `a.b.c.d`.
     #[must_use]
     pub const fn from_octets(octets: [u8; 4]) -> Self {
@@ -32,6 +43,11 @@ pub struct Ipv6Be(pub [u32; 4]);
 const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Ipv6Be {
+    /// `::`.
+    pub const UNSPECIFIED: Self = Self([0; 4]);
+    /// `::1`.
+    pub const LOOPBACK: Self = Self([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+
     /// `::ffff:a.b.c.d` for the IPv4 address `a.b.c.d`.
     #[must_use]
     pub const fn mapped(v4: Ipv4Be) -> Self {
@@ -183,6 +199,19 @@ mod tests {
         o2[10] = 0xff;
         o2[11] = 0xff;
         assert_eq!(Ipv6Be::from_octets(o2).to_mapped_v4(), None);
+    }
+
+    #[test]
+    fn loopback_and_unspecified() {
+        assert!(Ipv4Be::LOOPBACK.is_loopback());
+        assert!(Ipv4Be::from_octets([127, 255, 0, 6]).is_loopback());
+        assert!(!Ipv4Be::from_octets([128, 0, 0, 1]).is_loopback());
+        assert!(!Ipv4Be::from_octets([1, 0, 0, 127]).is_loopback());
+        assert_eq!(Ipv4Be::UNSPECIFIED.octets(), [0; 4]);
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(Ipv6Be::LOOPBACK.octets(), one);
+        assert_eq!(Ipv6Be::UNSPECIFIED.octets(), [0; 16]);
     }
 
     #[test]

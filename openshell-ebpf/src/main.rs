@@ -10,6 +10,15 @@
 //! - `recvmsg4`/`recvmsg6`: answers from the DNS listener carry the resolver's address again.
 //! - `getpeername4`/`getpeername6`: the program sees the destination it asked for.
 //! - `sock_release`: drops the cookie-keyed record when the socket goes away.
+//! - `bind4`/`bind6`: listeners stay on loopback. A wildcard bind is rewritten to loopback
+//!   (except `[::]:0`, see `openshell_common::decide::bind6_action`), a bind to any other
+//!   non-loopback address gets EPERM.
+//! - `ingress` (cgroup_skb): `listen()` or `sendto()` without `bind()` autobinds to the wildcard
+//!   address and never runs `bind4`/`bind6`; this program drops every inbound packet for a
+//!   sandboxed socket that did not arrive on the loopback device for a loopback address. The
+//!   sandbox's own traffic all goes to the loopback listeners of the gateway, so its answers
+//!   (TCP from the proxy, UDP from the DNS listener, addressed to the socket's loopback source)
+//!   pass; `recvmsg4/6` restore the DNS source in the `sockaddr` only, the packet is untouched.
 //!
 //! Every program has a one-line entry that calls `try_x` and states what happens when `try_x`
 //! fails. The default is closed: a connect or send that cannot be handled is refused.
@@ -26,15 +35,18 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use openshell_common::{
     AF_INET, AF_INET6, CgroupMode, Config, ConnectRecord, Counter, Endpoint, Ipv4Be, Ipv6Be,
     KernelDev, KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY,
-    decide::{Action, connect_action, sendmsg_action},
+    decide::{
+        Action, BindAction, PacketDst, bind4_action, bind6_action, connect_action, ingress_allowed,
+        sendmsg_action,
+    },
 };
 
 /// Return value of a `cgroup/*` program that lets the call proceed.
@@ -42,6 +54,10 @@ const ALLOW: i32 = 1;
 /// Return value of a `cgroup/connect*` or `cgroup/sendmsg*` program that refuses the call: the
 /// caller gets EPERM.
 const DENY: i32 = 0;
+/// Return value of a `cgroup_skb` program that lets the packet through.
+const PASS: i32 = 1;
+/// Return value of a `cgroup_skb` program that drops the packet.
+const DROP: i32 = 0;
 
 #[map(name = "OPENSHELL_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -66,6 +82,8 @@ enum Error {
     NoConfig,
     /// Storing the connection record failed.
     Record,
+    /// The IP header of a packet could not be read, or it is neither IPv4 nor IPv6.
+    Packet,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,6 +157,25 @@ pub fn openshell_sock_ops(ctx: SockOpsContext) -> u32 {
 pub fn openshell_sock_release(ctx: SockContext) -> i32 {
     try_sock_release(&ctx);
     ALLOW
+}
+
+/// Nothing to fail: every address gets a verdict, and unknown ones are refused (closed).
+#[cgroup_sock_addr(bind4)]
+pub fn openshell_bind4(ctx: SockAddrContext) -> i32 {
+    bind4(&ctx)
+}
+
+/// Nothing to fail, as `bind4`.
+#[cgroup_sock_addr(bind6)]
+pub fn openshell_bind6(ctx: SockAddrContext) -> i32 {
+    bind6(&ctx)
+}
+
+/// Fail closed: a packet whose IP header cannot be read is dropped. Every packet the sandbox
+/// legitimately receives is one the kernel built or parsed already, so this costs nothing real.
+#[cgroup_skb(ingress)]
+pub fn openshell_ingress(ctx: SkBuffContext) -> i32 {
+    try_ingress(&ctx).unwrap_or_else(|_| drop_packet())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,6 +394,74 @@ fn try_sock_release(ctx: &SockContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A missing entry is the common case (sockets that were never redirected).
     let _ = BY_COOKIE.remove(cookie);
+}
+
+fn bind4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` to cgroup sock_addr programs.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    match bind4_action(Ipv4Be(ip)) {
+        BindAction::Allow => ALLOW,
+        BindAction::Rewrite(to) => {
+            set_v4(sa, to, PortBe(port).to_host());
+            count(Counter::BindToLoopback);
+            ALLOW
+        }
+        BindAction::Deny => deny(Counter::BindDenied),
+    }
+}
+
+fn bind6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` to cgroup sock_addr programs.
+    let port = PortBe(unsafe { (*sa).user_port }).to_host();
+    match bind6_action(read_ip6(sa), port) {
+        BindAction::Allow => ALLOW,
+        BindAction::Rewrite(to) => {
+            set_v6(sa, to, port);
+            count(Counter::BindToLoopback);
+            ALLOW
+        }
+        BindAction::Deny => deny(Counter::BindDenied),
+    }
+}
+
+/// Offset of the destination address in the IPv4 header.
+const IPV4_DST: usize = 16;
+/// Offset of the destination address in the IPv6 header.
+const IPV6_DST: usize = 24;
+
+fn try_ingress(ctx: &SkBuffContext) -> Result<i32, Error> {
+    // SAFETY: the kernel passes a valid `__sk_buff`; `ingress_ifindex` is readable for
+    // cgroup_skb programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // cgroup_skb programs see the packet from its network header on.
+    let version = ctx.load::<u8>(0).map_err(|_| Error::Packet)? >> 4;
+    let dst = match version {
+        4 => PacketDst::V4(Ipv4Be(load_u32(ctx, IPV4_DST)?)),
+        6 => PacketDst::V6(Ipv6Be([
+            load_u32(ctx, IPV6_DST)?,
+            load_u32(ctx, IPV6_DST + 4)?,
+            load_u32(ctx, IPV6_DST + 8)?,
+            load_u32(ctx, IPV6_DST + 12)?,
+        ])),
+        _ => return Err(Error::Packet),
+    };
+    if ingress_allowed(ifindex, dst) {
+        Ok(PASS)
+    } else {
+        Ok(drop_packet())
+    }
+}
+
+/// Four packet bytes as they are in memory (network order), the layout of [`Ipv4Be`].
+fn load_u32(ctx: &SkBuffContext, offset: usize) -> Result<u32, Error> {
+    ctx.load::<u32>(offset).map_err(|_| Error::Packet)
+}
+
+fn drop_packet() -> i32 {
+    count(Counter::IngressDropped);
+    DROP
 }
 
 // ---------------------------------------------------------------------------------------------

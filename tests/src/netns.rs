@@ -54,10 +54,7 @@ impl TestNet {
     }
 
     fn setup(&self) -> anyhow::Result<()> {
-        let (host_if, ns_if) = (
-            format!("osh{}h", self.subnet),
-            format!("osh{}n", self.subnet),
-        );
+        let (host_if, ns_if) = (self.host_interface(), format!("osh{}n", self.subnet));
         // A leftover from a crashed run would make `ip link add` fail; it held the same lock,
         // so it is ours to remove.
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
@@ -78,6 +75,11 @@ impl TestNet {
         ip(&["-n", n, "link", "set", &ns_if, "up"])?;
         ip(&["-n", n, "link", "set", "lo", "up"])?;
         Ok(())
+    }
+
+    /// The name of the test's end of the veth pair (it goes away with the namespace).
+    pub fn host_interface(&self) -> String {
+        format!("osh{}h", self.subnet)
     }
 
     /// The namespace's name (for `ip netns exec`).

@@ -66,6 +66,18 @@ fn restart_keeps_enforcement_and_re_adopts_pins() -> anyhow::Result<()> {
         "a connect went direct while no gateway ran"
     );
     drop(probe);
+    // The listening rules hold too: a wildcard bind still lands on loopback.
+    let mut cmd = fx.command_in_cgroup(PROBE);
+    cmd.args(["listen", "0.0.0.0:0"]);
+    let probe = Probe::spawn(cmd)?;
+    assert!(
+        probe
+            .field("local")
+            .is_some_and(|l| l.starts_with("127.0.0.1:")),
+        "with no gateway a wildcard bind must land on loopback: {}",
+        probe.line
+    );
+    drop(probe);
 
     // Gateway B starts with new listener ports and re-adopts the pins.
     let listeners = Listeners::bind()?;
@@ -107,6 +119,7 @@ fn restart_keeps_enforcement_and_re_adopts_pins() -> anyhow::Result<()> {
         "A's counts are kept: {before:?}"
     );
     assert_eq!(after.tcp_redirected, before.tcp_redirected + 1);
+    assert_eq!(after.bind_to_loopback, 1, "bind4 ran once for the one bind");
     assert!(!has_pending(&host)?);
 
     // take() consumes the record.
@@ -131,7 +144,8 @@ fn detach_removes_enforcement_and_pins() -> anyhow::Result<()> {
         .as_mut()
         .expect("interceptor")
         .detach(&cgroup)?;
-    let links = std::fs::read_dir(fx.bpffs_dir.join("v1").join("links"))?.count();
+    let version = format!("v{}", openshell::ebpf::LAYOUT_VERSION);
+    let links = std::fs::read_dir(fx.bpffs_dir.join(version).join("links"))?.count();
     assert_eq!(links, 0, "no link pins left");
 
     let mut cmd = fx.command_in_cgroup(PROBE);
@@ -140,5 +154,16 @@ fn detach_removes_enforcement_and_pins() -> anyhow::Result<()> {
     assert!(probe.ok(), "{}", probe.line);
     accept(&host)?;
     assert!(!has_pending(&fx.listeners().tcp4)?);
+    // Binds are left alone again.
+    let mut cmd = fx.command_in_cgroup(PROBE);
+    cmd.args(["listen", "0.0.0.0:0"]);
+    let probe = Probe::spawn(cmd)?;
+    assert!(
+        probe
+            .field("local")
+            .is_some_and(|l| l.starts_with("0.0.0.0:")),
+        "{}",
+        probe.line
+    );
     Ok(())
 }

@@ -13,7 +13,9 @@ use super::EbpfError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterceptorConfig {
     /// Transparent TCP listener for IPv4 destinations (and IPv4-mapped ones on IPv6 sockets,
-    /// which are sent to `::ffff:<this address>`). Usually `127.0.0.1:<port>`.
+    /// which are sent to `::ffff:<this address>`). Usually `127.0.0.1:<port>`. Every listener
+    /// must be on a loopback address: the ingress program lets only loopback traffic reach a
+    /// sandbox, so answers from anywhere else would never arrive.
     pub tcp_v4: SocketAddrV4,
     /// Transparent TCP listener for IPv6 destinations, usually `[::1]:<port>`. `None` refuses
     /// IPv6 connects (EPERM).
@@ -48,6 +50,12 @@ impl InterceptorConfig {
             if a.port() == 0 {
                 return Err(EbpfError::ZeroPort { what });
             }
+            if !a.ip().is_loopback() {
+                return Err(EbpfError::ListenerNotLoopback {
+                    what,
+                    addr: a.into(),
+                });
+            }
             Ok(ListenerV4 {
                 addr: Ipv4Be::from_octets(a.ip().octets()),
                 port: a.port(),
@@ -60,6 +68,12 @@ impl InterceptorConfig {
             };
             if a.port() == 0 {
                 return Err(EbpfError::ZeroPort { what });
+            }
+            if !a.ip().is_loopback() {
+                return Err(EbpfError::ListenerNotLoopback {
+                    what,
+                    addr: a.into(),
+                });
             }
             Ok(ListenerV6 {
                 addr: Ipv6Be::from_octets(a.ip().octets()),
@@ -95,6 +109,23 @@ mod tests {
             c.to_kernel(KernelOffsets::default()),
             Err(EbpfError::ZeroPort { .. })
         ));
+    }
+
+    #[test]
+    fn config_rejects_listeners_off_loopback() {
+        let mut c = InterceptorConfig::new(
+            "198.18.0.1:15001".parse().unwrap(),
+            "127.0.0.1:15053".parse().unwrap(),
+            "/nonexistent",
+        );
+        let err = c.to_kernel(KernelOffsets::default()).unwrap_err();
+        insta::assert_snapshot!(err.to_string(), @"tcp_v4 listener: 198.18.0.1:15001 is not a loopback address; sandboxes only receive loopback traffic, so bind the listener to 127.0.0.1 (or ::1 for IPv6)");
+        c.tcp_v4 = "127.0.0.1:15001".parse().unwrap();
+        c.dns_v6 = Some("[2001:2::1]:15053".parse().unwrap());
+        let err = c.to_kernel(KernelOffsets::default()).unwrap_err();
+        insta::assert_snapshot!(err.to_string(), @"dns_v6 listener: [2001:2::1]:15053 is not a loopback address; sandboxes only receive loopback traffic, so bind the listener to 127.0.0.1 (or ::1 for IPv6)");
+        c.dns_v6 = Some("[::1]:15053".parse().unwrap());
+        assert!(c.to_kernel(KernelOffsets::default()).is_ok());
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub enum EbpfError {
     NotACgroup { path: PathBuf },
     #[error("{what}: port 0 is not a usable listener port; pass the port the listener is bound to")]
     ZeroPort { what: &'static str },
+    #[error(
+        "{what}: {addr} is not a loopback address; sandboxes only receive loopback traffic, so \
+         bind the listener to 127.0.0.1 (or ::1 for IPv6)"
+    )]
+    ListenerNotLoopback {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+    },
 }
 
 impl EbpfError {

@@ -10,6 +10,12 @@
 //! mounted at the configured directory's filesystem, kernel BTF at `/sys/kernel/btf/vmlinux`
 //! (for the offsets of `task_struct` and friends), kernel ≥ 5.7 for cgroup links.
 //!
+//! Listening: `bind4`/`bind6` keep a sandbox's bound sockets on loopback and the `ingress`
+//! program drops every inbound packet for a sandboxed socket that did not come in on the
+//! loopback device for a loopback address, so a sandbox cannot accept connections (or datagrams)
+//! from other hosts, also when it listens without binding. Its listeners stay reachable from
+//! this host at loopback addresses (`127.0.0.0/8`, `::1`), never at the host's network addresses.
+//!
 //! Limits: the executable is identified by (device, inode) of `mm->exe_file`; on filesystems
 //! whose `stat` reports another device than the superblock's (btrfs subvolumes) the device will
 //! not match `stat(2)`. Records live in LRU maps of [`openshell_common::RECORD_CAPACITY`]
@@ -37,17 +43,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, Program,
+        CgroupAttachMode, CgroupSkbAttachType, Program,
         links::{FdLink, PinnedLink},
     },
 };
 pub use btf::BtfError;
 pub use config::InterceptorConfig;
 pub use error::EbpfError;
-pub use openshell_common::CgroupMode;
-use openshell_common::{
-    self as common, Config, Counter, KernelOffsets, LAYOUT_VERSION, PeerKey, map_names,
-};
+use openshell_common::{self as common, Config, Counter, KernelOffsets, PeerKey, map_names};
+pub use openshell_common::{CgroupMode, LAYOUT_VERSION};
 pub use record::{ConnectRecord, Counters, ExeId, RecordCounts};
 
 /// The compiled eBPF object, built by `build.rs` through aya-build.
@@ -58,7 +62,7 @@ const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The programs, in attach order: the ones that only observe first, the ones that redirect or
 /// refuse last, so a half-finished attach never redirects without being able to record.
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 13] = [
     "openshell_sock_release",
     "openshell_sock_ops",
     "openshell_getpeername4",
@@ -69,6 +73,9 @@ const PROGRAMS: [&str; 10] = [
     "openshell_connect6",
     "openshell_sendmsg4",
     "openshell_sendmsg6",
+    "openshell_bind4",
+    "openshell_bind6",
+    "openshell_ingress",
 ];
 
 /// The programs attached to one cgroup, pinned. Dropping an `Attachment` keeps the programs
@@ -342,6 +349,9 @@ impl Interceptor {
             other_protocol_denied,
             record_failed,
             exe_unknown,
+            bind_to_loopback,
+            bind_denied,
+            ingress_dropped,
         ] = totals;
         Ok(Counters {
             tcp_redirected,
@@ -352,6 +362,9 @@ impl Interceptor {
             other_protocol_denied,
             record_failed,
             exe_unknown,
+            bind_to_loopback,
+            bind_denied,
+            ingress_dropped,
         })
     }
 
@@ -433,6 +446,12 @@ impl Interceptor {
                 let id = p.attach(cgroup, mode).map_err(err)?;
                 p.take_link(id).map_err(err)?.try_into().map_err(link_err)?
             }
+            Program::CgroupSkb(p) => {
+                let id = p
+                    .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
+                    .map_err(err)?;
+                p.take_link(id).map_err(err)?.try_into().map_err(link_err)?
+            }
             _ => return Err(EbpfError::MissingProgram { program: name }),
         };
         let path = dir.join(name);
@@ -467,6 +486,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::CgroupSock(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         _ => return Err(EbpfError::MissingProgram { program: name }),
     };
     result.map_err(|e| EbpfError::program(name, e))

@@ -100,6 +100,12 @@ pub struct Counters {
     pub other_protocol_denied: u64,
     pub record_failed: u64,
     pub exe_unknown: u64,
+    /// Wildcard binds rewritten to loopback.
+    pub bind_to_loopback: u64,
+    /// Binds to non-loopback addresses refused with EPERM.
+    pub bind_denied: u64,
+    /// Inbound packets for sandboxed sockets dropped (not loopback).
+    pub ingress_dropped: u64,
 }
 
 #[cfg(test)]

@@ -5,6 +5,13 @@
 //!   `ok local=.. peer=.. pid=.. tid=..`, then exec PROGRAM (if given) or wait for stdin to close.
 //! - `ebpf-probe udp-sendto ADDR` / `udp-connect ADDR`: send a DNS-shaped query, print
 //!   `ok from=.. peer=.. reply=<hex>` for the first answer (5 s timeout).
+//! - `ebpf-probe tcp-echo ADDR`: connect, send `ping\n`, print `ok local=.. reply=<line>`.
+//! - `ebpf-probe udp-recv ADDR`: bind a UDP socket to ADDR, wait up to 3 s for one datagram,
+//!   print `ok from=.. data=..`.
+//! - `ebpf-probe listen ADDR|auto4|auto6 [--udp]`: bind to ADDR (TCP: and listen), or for
+//!   `auto4`/`auto6` create a TCP socket and `listen()` without `bind()` (the kernel autobinds to
+//!   the wildcard address); print `ok local=..` (what `getsockname` says), then wait for stdin to
+//!   close. Connections are left in the accept queue.
 //!
 //! Errors print `err errno=N what` and exit 2.
 
@@ -39,8 +46,23 @@ fn parse(addr: Option<&String>) -> std::io::Result<SocketAddr> {
 
 fn run(args: &[String]) -> std::io::Result<()> {
     let mode = args.first().map(String::as_str).unwrap_or_default();
+    if mode == "listen" {
+        return listen(
+            args.get(1).map(String::as_str).unwrap_or_default(),
+            &args[2..],
+        );
+    }
     let addr = parse(args.get(1))?;
     match mode {
+        "tcp-echo" => {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"ping\n")?;
+            let mut reply = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut reply)?;
+            println!("ok local={} reply={}", stream.local_addr()?, reply.trim());
+            Ok(())
+        }
         "tcp" => {
             let rest = &args[2..];
             let in_thread = rest.first().is_some_and(|a| a == "--thread");
@@ -71,6 +93,14 @@ fn run(args: &[String]) -> std::io::Result<()> {
             drop(stream);
             Ok(())
         }
+        "udp-recv" => {
+            let socket = UdpSocket::bind(addr)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            println!("ok from={from} data={}", String::from_utf8_lossy(&buf[..n]));
+            Ok(())
+        }
         "udp-sendto" | "udp-connect" => {
             let bind: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0".parse().map_err(std::io::Error::other)?
@@ -96,7 +126,7 @@ fn run(args: &[String]) -> std::io::Result<()> {
             Ok(())
         }
         _ => Err(std::io::Error::other(
-            "usage: ebpf-probe tcp|udp-sendto|udp-connect ADDR",
+            "usage: ebpf-probe tcp|tcp-echo|udp-sendto|udp-connect|listen ADDR",
         )),
     }
 }
@@ -111,4 +141,47 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
         tid()
     );
     Ok(stream)
+}
+
+fn listen(spec: &str, rest: &[String]) -> std::io::Result<()> {
+    let udp = rest.first().is_some_and(|a| a == "--udp");
+    // The socket stays open (as an OwnedFd) until stdin closes.
+    let (_socket, local): (std::os::fd::OwnedFd, SocketAddr) = match (spec, udp) {
+        ("auto4" | "auto6", false) => {
+            let family = if spec == "auto4" {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            // SAFETY: plain socket(2) call; the result is checked.
+            let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh socket this function owns from here on.
+            let listener =
+                unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: listen(2) on the socket owned by `listener`; no bind(2) before it.
+            if unsafe { libc::listen(fd, 16) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let local = listener.local_addr()?;
+            (listener.into(), local)
+        }
+        (_, false) => {
+            let listener = std::net::TcpListener::bind(parse(Some(&spec.to_owned()))?)?;
+            let local = listener.local_addr()?;
+            (listener.into(), local)
+        }
+        (_, true) => {
+            let socket = UdpSocket::bind(parse(Some(&spec.to_owned()))?)?;
+            let local = socket.local_addr()?;
+            (socket.into(), local)
+        }
+    };
+    println!("ok local={local}");
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    std::io::stdin().read_to_end(&mut sink)?;
+    Ok(())
 }
