@@ -6,4 +6,6 @@
 pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
+pub mod inspect;
 pub mod policy;
+pub mod tls;
