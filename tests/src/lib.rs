@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod netns;
+pub mod upstream;
 
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
 /// beside this test executable (`cargo xtask test` builds it first).

@@ -20,11 +20,13 @@
 //! Limits: protocol upgrades (WebSocket, h2c) and CONNECT inside an inspected endpoint are
 //! denied with 403; no rule can allow them yet.
 
+mod framing;
 mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -204,20 +206,28 @@ async fn relay_uninspected(
     Err(InspectError::Relay(last))
 }
 
-async fn serve_http<I>(io: TokioIo<I>, h2: bool, conn: Conn) -> Result<(), InspectError>
+async fn serve_http<I>(io: TokioIo<I>, h2: bool, mut conn: Conn) -> Result<(), InspectError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(conn);
-    let svc = hyper::service::service_fn(move |req| {
-        let conn = Arc::clone(&conn);
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
-    });
     let served = if h2 {
+        let conn = Arc::new(conn);
+        let svc = hyper::service::service_fn(move |req| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        });
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(io, svc)
             .await
     } else {
+        let verdicts = framing::Verdicts::default();
+        conn.framing = Some(Arc::clone(&verdicts));
+        let io = TokioIo::new(framing::Guard::new(io.into_inner(), verdicts));
+        let conn = Arc::new(conn);
+        let svc = hyper::service::service_fn(move |req| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        });
         hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
             .await
@@ -232,6 +242,9 @@ struct Conn {
     sni_mismatch: Option<String>,
     scheme: &'static str,
     client: Client<upstream::Connector, Incoming>,
+    /// HTTP/1: the framing guard's verdict and the index of the next request to serve.
+    framing: Option<framing::Verdicts>,
+    next_request: AtomicU64,
 }
 
 impl Conn {
@@ -252,10 +265,21 @@ impl Conn {
             sni_mismatch,
             scheme: if tls { "https" } else { "http" },
             client,
+            framing: None,
+            next_request: AtomicU64::new(0),
         }
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let index = self.next_request.fetch_add(1, Ordering::Relaxed);
+        if let Some(verdicts) = &self.framing {
+            let verdict = *verdicts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, why)) = verdict.filter(|(first, _)| *first <= index) {
+                return error_response(StatusCode::BAD_REQUEST, "bad_request", why, true);
+            }
+        }
         if req.version() != Version::HTTP_2
             && let Some(problem) = framing_problem(req.headers())
         {
