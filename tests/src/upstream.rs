@@ -88,6 +88,16 @@ impl Upstream {
         let std_listener = net
             .run(|| std::net::TcpListener::bind(addr))?
             .with_context(|| format!("binding the test upstream on {addr}"))?;
+        Self::start_on(std_listener, ca, names)
+    }
+
+    /// Serves on a listener the caller bound. Call inside a tokio runtime.
+    pub fn start_on(
+        std_listener: std::net::TcpListener,
+        ca: &TestCa,
+        names: &[&str],
+    ) -> anyhow::Result<Self> {
+        let addr = std_listener.local_addr()?;
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(names)?);

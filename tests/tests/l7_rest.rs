@@ -495,3 +495,26 @@ async fn tunnels_are_denied_and_bad_tls_is_never_passed_through() {
     // Only the request pipelined behind the refused h2c upgrade (GET is allowed) arrived.
     assert_eq!(h.arrived(), vec!["GET /x"]);
 }
+
+/// `enforcement: audit`: a request no rule allows is forwarded and logged as "would deny".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_forwards_and_logs_would_deny() {
+    if skip_unless_root() {
+        return;
+    }
+    let policy =
+        example_policy("github_repos.yaml").replace("enforcement: enforce", "enforcement: audit");
+    assert!(policy.contains("enforcement: audit"));
+    let h = Harness::start(&policy, GH, GH_BIN).await.expect("harness");
+    let path = repo("bravo-repo", "");
+    let (status, _) = h.curl_one(&[], "DELETE", &path).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.arrived(), vec![format!("DELETE {path}")]);
+    let log = h.log.lock().expect("log").clone();
+    assert_eq!(log.len(), 1);
+    assert!(log[0].audit);
+    assert_eq!(
+        log[0].reason,
+        format!("would deny: DELETE {path} not permitted by block github_repos")
+    );
+}
