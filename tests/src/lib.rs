@@ -10,6 +10,7 @@ pub mod dns;
 pub mod gateway;
 pub mod netns;
 pub mod sandbox;
+pub mod upstream;
 
 /// Path of the `openshell` binary under test: `$OPENSHELL_BIN`, else `target/<profile>/openshell`
 /// beside this test executable (`cargo xtask test` builds it first).

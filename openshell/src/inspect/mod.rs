@@ -1,0 +1,602 @@
+//! L7 inspection of `protocol: rest` endpoints: the L4 proxy hands over an allowed connection
+//! with [`serve`], and every HTTP request on it is decided on its own before it may reach the
+//! upstream.
+//!
+//! - The first bytes are peeked. A TLS ClientHello is terminated with a leaf for the
+//!   connection's destination name, signed by the sandbox CA ([`crate::tls`]); anything else is
+//!   read as plain HTTP. A ClientHello that cannot be parsed or a failed handshake closes the
+//!   connection: nothing is ever passed through uninspected (except `tls: skip`, where the
+//!   policy asks for exactly that).
+//! - ALPN picks HTTP/2 or HTTP/1.1 (hyper's server connection builders); plain connections that
+//!   start with the HTTP/2 preface are served as h2 (prior knowledge).
+//! - Each request is decided by the policy generation current when it arrives
+//!   ([`PolicySource::current`]); the upstream receives exactly the canonical target that was
+//!   checked. Denied: 403 `application/json`, the connection stays usable.
+//! - TLS SNI, `Host` and `:authority` must name the connection's destination, else 421.
+//!   Ambiguous HTTP/1 framing gets 400 and the connection is closed.
+//! - The upstream is dialed only at the addresses the L4 proxy validated (never the name's or
+//!   the client's choice), over TLS when the client side was TLS.
+//!
+//! Limits: protocol upgrades (WebSocket, h2c) and CONNECT inside an inspected endpoint are
+//! denied with 403; no rule can allow them yet.
+
+mod framing;
+mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::policy::{CompiledPolicy, ConnectionQuery, Decision, HttpRequestQuery, Reason, Verdict};
+use crate::tls::{SandboxCa, TlsError};
+
+/// How long the client has to send its first bytes and finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A policy generation: the compiled policy and the revision it came from.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub policy: Arc<CompiledPolicy>,
+    pub revision: i64,
+}
+
+/// Yields the generation in force; asked once per request.
+pub trait PolicySource: Send + Sync {
+    fn current(&self) -> Generation;
+}
+
+/// A fixed generation (tests, or a sandbox whose policy never changes).
+impl PolicySource for Generation {
+    fn current(&self) -> Generation {
+        self.clone()
+    }
+}
+
+/// One request decision, for the decision log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub sandbox: Arc<str>,
+    pub binary: PathBuf,
+    pub pid: u32,
+    pub host: Arc<str>,
+    pub port: u16,
+    pub method: String,
+    /// The target as the client sent it.
+    pub target: String,
+    pub decision: Verdict,
+    /// Allowed only because the endpoint is in audit mode: the request "would be denied".
+    pub audit: bool,
+    pub block: Option<Arc<str>>,
+    pub reason: String,
+    pub revision: i64,
+}
+
+/// Where request decisions go.
+pub trait RequestLog: Send + Sync {
+    fn record(&self, record: RequestRecord);
+}
+
+/// Keeps every record in memory (tests, diagnostics).
+impl RequestLog for Mutex<Vec<RequestRecord>> {
+    fn record(&self, record: RequestRecord) {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(record);
+    }
+}
+
+/// Everything [`serve`] needs about one allowed connection.
+pub struct InspectContext {
+    pub sandbox: Arc<str>,
+    /// The destination name the connection was tied to (policy DNS), or the IP literal.
+    pub host: Arc<str>,
+    pub port: u16,
+    /// Addresses the L4 proxy resolved and validated; the only ones ever dialed.
+    pub upstream: Vec<SocketAddr>,
+    pub binary: PathBuf,
+    pub ancestors: Vec<PathBuf>,
+    pub pid: u32,
+    /// `false` for `tls: skip`: a TLS stream is relayed without inspection.
+    pub terminate_tls: bool,
+    pub ca: Arc<SandboxCa>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub policy: Arc<dyn PolicySource>,
+    pub log: Arc<dyn RequestLog>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("reading the first bytes from the client: {0}")]
+    Peek(std::io::Error),
+    #[error("the client sent no bytes within {0:?}")]
+    PeekTimeout(Duration),
+    #[error("the TLS ClientHello could not be read: {0}")]
+    ClientHello(std::io::Error),
+    #[error("the TLS handshake with the client failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("the TLS handshake with the client did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("destination name {0:?} is not a valid TLS server name")]
+    ServerName(String),
+    #[error("serving HTTP on the inspected connection: {0}")]
+    Http(hyper::Error),
+    #[error("relaying the uninspected (tls: skip) stream: {0}")]
+    Relay(std::io::Error),
+}
+
+/// Inspects one connection until the client or the upstream closes it.
+pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), InspectError> {
+    let _ = client.set_nodelay(true);
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.peek(&mut first))
+        .await
+        .map_err(|_| InspectError::PeekTimeout(HANDSHAKE_TIMEOUT))?
+        .map_err(InspectError::Peek)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let is_tls = first[0] == 0x16;
+    if is_tls && !ctx.terminate_tls {
+        return relay_uninspected(client, &ctx).await;
+    }
+    let server_name = ServerName::try_from(ctx.host.to_string())
+        .map_err(|_| InspectError::ServerName(ctx.host.to_string()))?;
+    if !is_tls {
+        let h2 = first[..n] == H2_PREFACE[..n] && n > 3;
+        let conn = Conn::new(ctx, None, false, server_name);
+        return serve_http(TokioIo::new(client), h2, conn).await;
+    }
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
+    let start = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor)
+        .await
+        .map_err(|_| InspectError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        .map_err(InspectError::ClientHello)?;
+    let sni = start
+        .client_hello()
+        .server_name()
+        .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+    let config = ctx.ca.server_config(&ctx.host)?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
+        .await
+        .map_err(|_| InspectError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        .map_err(InspectError::Handshake)?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let conn = Conn::new(ctx, sni, true, server_name);
+    serve_http(TokioIo::new(tls), h2, conn).await
+}
+
+async fn relay_uninspected(
+    mut client: TcpStream,
+    ctx: &InspectContext,
+) -> Result<(), InspectError> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no validated address");
+    for addr in &ctx.upstream {
+        match TcpStream::connect(addr).await {
+            Ok(mut up) => {
+                tokio::io::copy_bidirectional(&mut client, &mut up)
+                    .await
+                    .map_err(InspectError::Relay)?;
+                return Ok(());
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(InspectError::Relay(last))
+}
+
+async fn serve_http<I>(io: TokioIo<I>, h2: bool, mut conn: Conn) -> Result<(), InspectError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let served = if h2 {
+        let conn = Arc::new(conn);
+        let svc = hyper::service::service_fn(move |req| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        });
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+    } else {
+        let verdicts = framing::Verdicts::default();
+        conn.framing = Some(Arc::clone(&verdicts));
+        let io = TokioIo::new(framing::Guard::new(io.into_inner(), verdicts));
+        let conn = Arc::new(conn);
+        let svc = hyper::service::service_fn(move |req| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await
+    };
+    served.map_err(InspectError::Http)
+}
+
+/// Per-connection state shared by its requests.
+struct Conn {
+    ctx: InspectContext,
+    /// The SNI the client sent, when it differs from the destination name.
+    sni_mismatch: Option<String>,
+    scheme: &'static str,
+    client: Client<upstream::Connector, Incoming>,
+    /// HTTP/1: the framing guard's verdict and the index of the next request to serve.
+    framing: Option<framing::Verdicts>,
+    next_request: AtomicU64,
+}
+
+impl Conn {
+    fn new(
+        ctx: InspectContext,
+        sni: Option<String>,
+        tls: bool,
+        server_name: ServerName<'static>,
+    ) -> Self {
+        let sni_mismatch = sni.filter(|s| *s != *ctx.host);
+        let connector = upstream::Connector::new(
+            ctx.upstream.clone().into(),
+            tls.then(|| (Arc::clone(&ctx.upstream_tls), server_name)),
+        );
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Self {
+            ctx,
+            sni_mismatch,
+            scheme: if tls { "https" } else { "http" },
+            client,
+            framing: None,
+            next_request: AtomicU64::new(0),
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let index = self.next_request.fetch_add(1, Ordering::Relaxed);
+        if let Some(verdicts) = &self.framing {
+            let verdict = *verdicts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, why)) = verdict.filter(|(first, _)| *first <= index) {
+                return error_response(StatusCode::BAD_REQUEST, "bad_request", why, true);
+            }
+        }
+        if req.version() != Version::HTTP_2
+            && let Some(problem) = framing_problem(req.headers())
+        {
+            return error_response(StatusCode::BAD_REQUEST, "bad_request", problem, true);
+        }
+        if let Some(sni) = &self.sni_mismatch {
+            return self.misdirected(format!("TLS SNI {sni:?}"));
+        }
+        match self.authority_problem(&req) {
+            Ok(()) => {}
+            Err(what) => return self.misdirected(what),
+        }
+        let target = match req.uri().scheme() {
+            Some(_) => req.uri().to_string(),
+            None => req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned()),
+        };
+        let method = req.method().as_str().to_owned();
+        let generation = self.ctx.policy.current();
+        let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        let decision = (!tunnel).then(|| self.decide(&generation, &method, &target));
+        let Some(decision) = decision else {
+            let what = if req.method() == Method::CONNECT {
+                "CONNECT".to_owned()
+            } else {
+                let up = req
+                    .headers()
+                    .get(header::UPGRADE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?");
+                format!("an upgrade to {up:?}")
+            };
+            let reason = format!("{what} inside an inspected endpoint is not permitted");
+            self.log(
+                &generation,
+                &method,
+                &target,
+                Verdict::Deny,
+                false,
+                None,
+                &reason,
+            );
+            return self.forbidden(None, reason);
+        };
+        let reason = reason_text(&decision.reason);
+        self.log(
+            &generation,
+            &method,
+            &target,
+            decision.verdict,
+            decision.audit,
+            decision.block.clone(),
+            &reason,
+        );
+        if !decision.is_allowed() {
+            return self.forbidden(decision.block.as_deref(), reason);
+        }
+        let path = decision.canonical_target.unwrap_or(target);
+        self.forward(req, &path).await
+    }
+
+    fn decide(&self, generation: &Generation, method: &str, target: &str) -> Decision {
+        let upstream_ip = self.ctx.upstream.first().map(SocketAddr::ip);
+        let q = ConnectionQuery {
+            host: &self.ctx.host,
+            port: self.ctx.port,
+            binary: &self.ctx.binary,
+            ancestors: &self.ctx.ancestors,
+            dest_ip: upstream_ip,
+        };
+        generation
+            .policy
+            .decide_request(&q, &HttpRequestQuery { method, target })
+    }
+
+    /// `Host` (HTTP/1) or `:authority` (HTTP/2, or an absolute-form target) must name the
+    /// destination.
+    fn authority_problem(&self, req: &Request<Incoming>) -> Result<(), String> {
+        let mut claims: Vec<String> = Vec::new();
+        if let Some(a) = req.uri().authority() {
+            claims.push(a.as_str().to_owned());
+        }
+        let hosts = req.headers().get_all(header::HOST);
+        let mut n_hosts = 0;
+        for h in hosts {
+            n_hosts += 1;
+            match h.to_str() {
+                Ok(s) => claims.push(s.to_owned()),
+                Err(_) => return Err("a Host header that is not text".to_owned()),
+            }
+        }
+        if n_hosts > 1 {
+            return Err("more than one Host header".to_owned());
+        }
+        if claims.is_empty() {
+            return Err("no Host header".to_owned());
+        }
+        for claim in claims {
+            if !self.names_destination(&claim) {
+                return Err(format!("authority {claim:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn names_destination(&self, authority: &str) -> bool {
+        let Ok(parsed) = authority.parse::<http::uri::Authority>() else {
+            return false;
+        };
+        let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let port_ok = parsed.port_u16().is_none_or(|p| p == self.ctx.port);
+        host == *self.ctx.host && port_ok
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one flat log record")]
+    fn log(
+        &self,
+        generation: &Generation,
+        method: &str,
+        target: &str,
+        decision: Verdict,
+        audit: bool,
+        block: Option<Arc<str>>,
+        reason: &str,
+    ) {
+        self.ctx.log.record(RequestRecord {
+            sandbox: Arc::clone(&self.ctx.sandbox),
+            binary: self.ctx.binary.clone(),
+            pid: self.ctx.pid,
+            host: Arc::clone(&self.ctx.host),
+            port: self.ctx.port,
+            method: method.to_owned(),
+            target: target.to_owned(),
+            decision,
+            audit,
+            block,
+            reason: if audit {
+                format!("would deny: {reason}")
+            } else {
+                reason.to_owned()
+            },
+            revision: generation.revision,
+        });
+    }
+
+    fn forbidden(&self, block: Option<&str>, reason: String) -> Response<Body> {
+        let body = DeniedBody {
+            error: "policy_denied",
+            block,
+            reason: &reason,
+            host: &self.ctx.host,
+            binary: &self.ctx.binary.to_string_lossy(),
+        };
+        json_response(StatusCode::FORBIDDEN, &body, false)
+    }
+
+    fn misdirected(&self, what: String) -> Response<Body> {
+        let reason = format!(
+            "{what} does not match the connection's destination {}",
+            self.ctx.host
+        );
+        error_response(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            &reason,
+            false,
+        )
+    }
+
+    async fn forward(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let authority = if self.ctx.port == default_port(self.scheme) {
+            self.ctx.host.to_string()
+        } else {
+            format!("{}:{}", self.ctx.host, self.ctx.port)
+        };
+        let uri = format!("{}://{authority}{path}", self.scheme);
+        parts.uri = match uri.parse::<Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("the canonical target cannot be sent: {e}"),
+                    false,
+                );
+            }
+        };
+        // The client sets Host / :authority from the URI; the version follows the upstream.
+        parts.headers.remove(header::HOST);
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        let upstream = Request::from_parts(parts, body);
+        match self.client.request(upstream).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                &format!("the upstream {} could not be reached: {e}", self.ctx.host),
+                false,
+            ),
+        }
+    }
+}
+
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" { 443 } else { 80 }
+}
+
+/// The 403 body.
+#[derive(Serialize)]
+struct DeniedBody<'a> {
+    error: &'static str,
+    block: Option<&'a str>,
+    reason: &'a str,
+    host: &'a str,
+    binary: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    reason: &'a str,
+}
+
+/// The sentence shown in the 403 body: `METHOD PATH not permitted by block NAME` for requests
+/// no rule allows.
+fn reason_text(reason: &Reason) -> String {
+    match reason {
+        Reason::RequestNotPermitted {
+            block,
+            method,
+            path,
+        } => format!("{method} {path} not permitted by block {block}"),
+        Reason::DeniedByRule {
+            block,
+            method,
+            path,
+        } => format!("{method} {path} denied by a deny rule of block {block}"),
+        other => other.to_string(),
+    }
+}
+
+/// HTTP/1 framing that two parsers could read differently (request smuggling). hyper itself
+/// rejects obs-fold, non-numeric and conflicting Content-Length values; these are the cases it
+/// lets through.
+fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 {
+        return Some("more than one Content-Length header");
+    }
+    if lengths == 1 && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Some("Content-Length together with Transfer-Encoding");
+    }
+    None
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn error_response(
+    status: StatusCode,
+    error: &'static str,
+    reason: &str,
+    close: bool,
+) -> Response<Body> {
+    json_response(status, &ErrorBody { error, reason }, close)
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize, close: bool) -> Response<Body> {
+    // Serialising these plain structs cannot fail; an empty body would still carry the status.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(
+        Full::new(Bytes::from(bytes))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests;
