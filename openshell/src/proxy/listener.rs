@@ -16,6 +16,7 @@
 //! the policy DNS answers.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
@@ -45,6 +46,17 @@ use crate::{
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most DNS datagrams answered at once; more are dropped (the client retries).
 const DNS_IN_FLIGHT: usize = 512;
+/// How long a resolved identity (executable and ancestors) is reused for further connections of
+/// the same process with the same recorded executable and parent. A process cannot change its
+/// executable's content while it runs (ETXTBSY) and an exec changes the recorded identity, so
+/// this only saves the `/proc` reads and the hand-off to a blocking thread.
+const IDENTITY_REUSE: Duration = Duration::from_secs(1);
+/// Most identities kept for reuse.
+const IDENTITY_CACHE: usize = 4096;
+
+/// (cgroup id, process, recorded executable, recorded parent).
+type IdentityKey = (u64, u32, Option<crate::ebpf::ExeId>, Option<u32>);
+type Resolved = (Binary, Vec<Binary>);
 
 /// Where the proxy listens and whom it asks.
 #[derive(Clone, Debug)]
@@ -248,6 +260,7 @@ pub struct Proxy {
     own: Vec<SocketAddr>,
     relay: RelayMode,
     dial_timeout: Duration,
+    recent: Mutex<HashMap<IdentityKey, (Instant, Resolved)>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -287,7 +300,27 @@ impl Proxy {
             own: listeners.addresses(),
             relay: config.relay,
             dial_timeout: config.dial_timeout,
+            recent: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn recent_identity(&self, key: &IdentityKey) -> Option<Resolved> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < IDENTITY_REUSE)
+            .map(|(_, resolved)| resolved.clone())
+    }
+
+    fn remember_identity(&self, key: IdentityKey, resolved: &Resolved) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= IDENTITY_CACHE {
+            recent.retain(|_, (at, _)| at.elapsed() < IDENTITY_REUSE);
+            if recent.len() >= IDENTITY_CACHE {
+                recent.clear();
+            }
+        }
+        recent.insert(key, (Instant::now(), resolved.clone()));
     }
 
     /// Serves every listener until `shutdown` resolves. Must run inside a tokio runtime.
@@ -352,17 +385,33 @@ impl Proxy {
             .await;
             return;
         }
-        let identities = Arc::clone(&self);
-        let cgroup_path = sandbox.cgroup_path().to_owned();
-        let identity = tokio::task::spawn_blocking(move || {
-            let me = identities.identities.executable(record.tgid, record.exe)?;
-            let ancestors =
-                identities
-                    .identities
-                    .ancestors(record.tgid, record.parent_tgid, &cgroup_path)?;
-            Ok::<_, IdentityError>((me, ancestors))
-        })
-        .await;
+        let key = (
+            record.cgroup_id,
+            record.tgid,
+            record.exe,
+            record.parent_tgid,
+        );
+        let identity = match self.recent_identity(&key) {
+            Some(resolved) => Ok(Ok(resolved)),
+            None => {
+                let identities = Arc::clone(&self);
+                let cgroup_path = sandbox.cgroup_path().to_owned();
+                let resolved = tokio::task::spawn_blocking(move || {
+                    let me = identities.identities.executable(record.tgid, record.exe)?;
+                    let ancestors = identities.identities.ancestors(
+                        record.tgid,
+                        record.parent_tgid,
+                        &cgroup_path,
+                    )?;
+                    Ok::<_, IdentityError>((me, ancestors))
+                })
+                .await;
+                if let Ok(Ok(resolved)) = &resolved {
+                    self.remember_identity(key, resolved);
+                }
+                resolved
+            }
+        };
         let names = sandbox.name_cache().names(dst.ip(), Instant::now());
         let mut facts = Facts {
             sandbox: Arc::clone(&sandbox),

@@ -7,7 +7,7 @@
 //! - [`RelayMode::Copy`] is `tokio::io::copy_bidirectional_with_sizes` with large buffers.
 //!
 //! `BENCHMARKS.md` ("Proxy L4") has both measured against direct connections; the proxy uses
-//! [`RelayMode::default`], the faster one on this machine.
+//! [`RelayMode::default`], the faster one there (copy).
 //!
 //! Half-close: when one side finishes sending (`read` returns 0), the relay shuts down the write
 //! half towards the other side and keeps relaying the opposite direction until it ends too. Any
@@ -36,9 +36,10 @@ pub const RELAY_BUFFER: usize = 256 * 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RelayMode {
     /// `splice(2)` through a pipe per direction.
-    #[default]
     Splice,
-    /// Copy through user-space buffers of [`RELAY_BUFFER`] bytes.
+    /// Copy through user-space buffers of [`RELAY_BUFFER`] bytes. The default: it measured
+    /// faster than splice on this machine (BENCHMARKS.md, "Proxy L4").
+    #[default]
     Copy,
 }
 
