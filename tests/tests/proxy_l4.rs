@@ -143,7 +143,11 @@ fn client_ignoring_http_proxy_is_caught_the_same_way() {
     );
     let mut probe = sandbox.command(PROBE);
     probe
-        .args(["tcp", &SocketAddr::new(host.ip(), 443).to_string()])
+        .args([
+            "tcp",
+            &SocketAddr::new(host.ip(), 443).to_string(),
+            "--hold",
+        ])
         .env("HTTP_PROXY", "http://198.18.255.1:3128")
         .env("HTTPS_PROXY", "http://198.18.255.1:3128");
     // Its connect() completes against the proxy's listener (the probe prints `ok` and exits);
@@ -274,18 +278,15 @@ fn forbidden_destinations_are_denied() {
         return;
     }
     let host = pypi_host();
-    // Allow everything by name and address that a policy can allow, so only destination
-    // safety stands in the way.
+    // A policy cannot name these addresses at all (validation refuses loopback, link-local and
+    // metadata literals); curl is allowed somewhere, so the denials below come from destination
+    // safety, which the proxy applies before any block is consulted.
     let policy = "version: 1
 network_policies:
-  everything:
+  web:
     endpoints:
-      - host: 127.0.0.1
-        ports: [80, 8080]
-      - host: 169.254.169.254
-        port: 80
-      - host: '::1'
-        port: 8080
+      - host: pypi.org
+        ports: [80, 443, 8080]
     binaries:
       - { path: /usr/bin/curl }
 ";

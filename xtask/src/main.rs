@@ -120,7 +120,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     )?;
     status(
         cargo(root)
-            .arg("test")
+            .args(["test", "--no-fail-fast"])
             .args(HOST_CRATES)
             .args(args)
             .env("OPENSHELL_BIN", root.join("target/debug/openshell")),

@@ -1,8 +1,10 @@
 //! A small client for the eBPF tests: it opens one connection or sends one datagram and prints
 //! what it saw, one `key=value` line, so the tests can compare it with what the kernel recorded.
 //!
-//! - `ebpf-probe tcp ADDR [--thread] [--exec PROGRAM ARGS...]`: connect, print
-//!   `ok local=.. peer=.. pid=.. tid=..`, then exec PROGRAM (if given) or wait for stdin to close.
+//! - `ebpf-probe tcp ADDR [--thread] [--exec PROGRAM ARGS...] [--hold]`: connect, print
+//!   `ok local=.. peer=.. pid=.. tid=..`, then exec PROGRAM (if given), or with `--hold` wait
+//!   (at most 10 s) until the peer closes or resets the connection, or else wait for stdin to
+//!   close.
 //! - `ebpf-probe udp-sendto ADDR` / `udp-connect ADDR`: send a DNS-shaped query, print
 //!   `ok from=.. peer=.. reply=<hex>` for the first answer (5 s timeout).
 //! - `ebpf-probe tcp-echo ADDR`: connect, send `ping\n`, print `ok local=.. reply=<line>`.
@@ -87,6 +89,15 @@ fn run(args: &[String]) -> std::io::Result<()> {
                 return Err(std::process::Command::new(program)
                     .args(&rest[pos + 2..])
                     .exec());
+            }
+            if rest.iter().any(|a| a == "--hold") {
+                // Stay alive until the peer closes or resets the connection (bounded), so the
+                // proxy judges a live process, as it would a real client waiting for its answer.
+                let mut stream = stream;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink);
+                return Ok(());
             }
             let mut sink = Vec::new();
             std::io::stdin().read_to_end(&mut sink)?;
