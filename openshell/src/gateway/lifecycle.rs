@@ -44,6 +44,17 @@ pub trait CgroupAttach: Send + Sync {
     /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
     /// implementation).
     fn detach(&self, _cgroup_dir: &Path) {}
+    /// Compiles policy `text` (named `source` in errors) as revision `revision` of sandbox
+    /// `name` and puts it in force atomically; on error the previous policy stays in force.
+    fn load_policy(
+        &self,
+        _name: &str,
+        _source: &str,
+        _text: &str,
+        _revision: i64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +123,8 @@ pub struct Sandboxes {
     failpoint: Option<String>,
     /// Serialises create and delete (cheap; they are rare).
     lock: Mutex<()>,
+    /// Serialises policy updates, so revisions are loaded in version order.
+    pub(super) policy_lock: Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -172,7 +185,16 @@ impl Sandboxes {
             attach,
             failpoint: std::env::var(FAILPOINT_ENV).ok(),
             lock: Mutex::new(()),
+            policy_lock: Mutex::new(()),
         }
+    }
+
+    pub(super) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(super) fn network(&self) -> Option<&Arc<dyn CgroupAttach>> {
+        self.attach.as_ref()
     }
 
     pub fn cgroup_base(&self) -> &Path {
