@@ -103,9 +103,8 @@ pub fn comment_out_header(text: &str) -> String {
             if !line.starts_with('#') {
                 out.push_str("# ");
             }
-        } else if in_header && line.trim_end() == "---" {
-            in_header = false;
         } else {
+            // The header (and a `---` ending it, kept as a YAML document start) is over.
             in_header = false;
         }
         out.push_str(line);
