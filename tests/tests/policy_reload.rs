@@ -211,6 +211,43 @@ fn iterate_on_a_running_sandbox() {
     1 [hash] superseded [time] -
     ");
 
+    // Older revisions stay readable; JSON carries the same fields.
+    let rev1 = gw
+        .run(&["policy", "get", "iter", "--rev", "1", "-o", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(rev1["version"], 1);
+    assert_eq!(rev1["status"], "superseded");
+    assert_eq!(rev1["sha256"], hash);
+    assert_eq!(rev1["policy"], INITIAL);
+
+    // The original header style (plain `Version:` lines and `---`) is accepted as well, and
+    // the same policy again is unchanged: no new version.
+    let plain = dir.join("plain.yaml");
+    let text = std::fs::read_to_string(&edited).unwrap();
+    let body = text.split_once("# Status: loaded\n").unwrap().1;
+    std::fs::write(
+        &plain,
+        format!("Version: 1\nHash: sha256:{hash}\nStatus: Loaded\n---\n{body}"),
+    )
+    .unwrap();
+    let same = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            plain.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(same.code, Some(0), "{same:?}");
+    assert!(
+        same.stdout.contains("policy unchanged (version 2"),
+        "{same:?}"
+    );
+
     // The same policy again: unchanged, no new version.
     let same = gw
         .run(&["policy", "set", "iter", "--policy", &edited, "--wait"])
