@@ -365,4 +365,36 @@ fn iterate_on_a_running_sandbox() {
     );
     let listed = masked_list(&gw);
     assert!(listed.contains("2 [hash] loaded"), "{listed}");
+
+    // A gateway killed between recording a revision and loading it: the restarted gateway
+    // marks that revision failed and keeps revision 2 in force.
+    gw.run(&["gateway", "stop"]).unwrap().ok().unwrap();
+    let mut cmd = gw.command();
+    cmd.env("OPENSHELL_FAILPOINT", "policy-after-record")
+        .args(["gateway", "start"]);
+    openshell_tests::gateway::run_with_timeout(cmd, b"", Duration::from_secs(60))
+        .unwrap()
+        .ok()
+        .unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            initial.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(124), "{run:?}");
+    let log = std::fs::read_to_string(gw.state_dir().join("gateway.log")).unwrap();
+    assert!(log.contains("failpoint policy-after-record"), "{log}");
+    let listed = masked_list(&gw);
+    assert!(
+        listed.starts_with("4 [hash] failed [time] the gateway stopped before loading"),
+        "{listed}"
+    );
+    assert!(listed.contains("2 [hash] loaded"), "{listed}");
+    let run = curl(&gw, "https://pypi.org/after-crash");
+    assert_eq!(run.code, Some(0), "{run:?}");
 }

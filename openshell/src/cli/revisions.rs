@@ -314,6 +314,7 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
 
 fn revisions(name: &str) -> anyhow::Result<Vec<PolicyRevision>> {
     let client = Client::new(Paths::from_env())?;
+    client.ensure_running()?;
     Ok(client.policy_revisions(name)?)
 }
 

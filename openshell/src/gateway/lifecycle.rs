@@ -30,7 +30,8 @@ use super::{
 };
 
 /// Environment variable naming a crash point for the crash-consistency tests
-/// (`create-after-record`, `create-after-cgroup`, `create-before-ready`): the gateway sends
+/// (`create-after-record`, `create-after-cgroup`, `create-before-ready`,
+/// `policy-after-record`): the gateway sends
 /// itself SIGKILL when `create` reaches it.
 pub const FAILPOINT_ENV: &str = "OPENSHELL_FAILPOINT";
 
@@ -205,7 +206,7 @@ impl Sandboxes {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn failpoint(&self, point: &str) {
+    pub(super) fn failpoint(&self, point: &str) {
         if self.failpoint.as_deref() == Some(point) {
             eprintln!("gateway: failpoint {point}: killing myself with SIGKILL");
             // The test that set this wants a real SIGKILL at exactly this point.
@@ -365,6 +366,7 @@ impl Sandboxes {
         for rec in self.store.sandboxes()? {
             match rec.phase {
                 Phase::Ready => {
+                    self.fail_stale_revisions(&rec.name)?;
                     self.make_dirs(&rec.name)?;
                     ready.insert(rec.name.clone());
                     done.adopted.push(rec.name);

@@ -20,6 +20,9 @@ use crate::{
     store::{Phase, PolicyRevision, RevisionStatus, StoreError},
 };
 
+/// Error of a revision the gateway recorded but stopped before loading.
+pub const STALE: &str = "the gateway stopped before loading this revision; the previous policy stayed in force (set it again)";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RevisionError {
     /// Validation errors, one `FILE:LINE:COL: error: ...` line each.
@@ -137,6 +140,27 @@ impl Sandboxes {
         })
     }
 
+    /// Marks revisions that a previous gateway recorded but never loaded (it stopped in
+    /// between) as failed; the revision loaded before them stays in force. Revision 1 is left
+    /// alone: it is loaded when the sandbox is attached.
+    pub(super) fn fail_stale_revisions(&self, name: &str) -> Result<(), LifecycleError> {
+        for rev in self.store().revisions(Some(name))? {
+            if rev.status == RevisionStatus::Pending && rev.version > 1 {
+                self.store().set_revision_status(
+                    Some(name),
+                    rev.version,
+                    RevisionStatus::Failed,
+                    Some(STALE),
+                )?;
+                eprintln!(
+                    "gateway: sandbox {name:?}: policy revision {} was never loaded; marked failed",
+                    rev.version
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Validates `req` and records it as a new revision of sandbox `name`, hands the result to
     /// `recorded` (the API answers at this point), then loads the revision and records the
     /// outcome. Errors returned before `recorded` was called refuse the update; nothing changed.
@@ -192,6 +216,7 @@ impl Sandboxes {
             unchanged: false,
             revision: rev,
         });
+        self.failpoint("policy-after-record");
         let loaded = match self.network() {
             Some(network) => network.load_policy(name, &req.policy_source, &req.policy, version),
             None => Ok(()),
