@@ -262,6 +262,31 @@ impl Client {
         )
     }
 
+    /// Every policy revision of sandbox `name`, newest first.
+    pub fn policy_revisions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::store::PolicyRevision>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{name}/policy"),
+            None::<&()>,
+        )
+    }
+
+    /// Submits a new policy for sandbox `name`; the answer comes once it is recorded.
+    pub fn set_policy(
+        &self,
+        name: &str,
+        req: &crate::gateway::api::SetPolicy,
+    ) -> Result<crate::gateway::api::SetPolicyResult, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{name}/policy"),
+            Some(req),
+        )
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self.call(
             Method::DELETE,

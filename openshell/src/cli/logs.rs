@@ -133,7 +133,7 @@ pub fn text_line(r: &DecisionRecord) -> String {
 }
 
 /// `2026-11-26T21:08:00.123Z` for milliseconds since the epoch (UTC, proleptic Gregorian).
-fn rfc3339_ms(ms: i64) -> String {
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 pub mod gateway;
 pub mod logs;
 pub mod policy;
+pub mod revisions;
 pub mod sandbox;
 
 pub use policy::PolicyCommand;

@@ -88,3 +88,20 @@ pub enum ExecEvent {
     /// CLI → gateway: deliver this signal to the command.
     Signal { signal: i32 },
 }
+
+/// `POST /v1/sandboxes/{name}/policy`: a new network policy for a running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetPolicy {
+    /// Where the policy came from, used in error messages (`./p.yaml`).
+    pub policy_source: String,
+    pub policy: String,
+}
+
+/// The answer to [`SetPolicy`]: the new revision (status `pending`; poll
+/// `GET /v1/sandboxes/{name}/policy` for the outcome), or the revision in force when the policy
+/// is identical to it (`unchanged`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetPolicyResult {
+    pub unchanged: bool,
+    pub revision: crate::store::PolicyRevision,
+}

@@ -30,7 +30,8 @@ use super::{
 };
 
 /// Environment variable naming a crash point for the crash-consistency tests
-/// (`create-after-record`, `create-after-cgroup`, `create-before-ready`): the gateway sends
+/// (`create-after-record`, `create-after-cgroup`, `create-before-ready`,
+/// `policy-after-record`): the gateway sends
 /// itself SIGKILL when `create` reaches it.
 pub const FAILPOINT_ENV: &str = "OPENSHELL_FAILPOINT";
 
@@ -44,6 +45,17 @@ pub trait CgroupAttach: Send + Sync {
     /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
     /// implementation).
     fn detach(&self, _cgroup_dir: &Path) {}
+    /// Compiles policy `text` (named `source` in errors) as revision `revision` of sandbox
+    /// `name` and puts it in force atomically; on error the previous policy stays in force.
+    fn load_policy(
+        &self,
+        _name: &str,
+        _source: &str,
+        _text: &str,
+        _revision: i64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +124,8 @@ pub struct Sandboxes {
     failpoint: Option<String>,
     /// Serialises create and delete (cheap; they are rare).
     lock: Mutex<()>,
+    /// Serialises policy updates, so revisions are loaded in version order.
+    pub(super) policy_lock: Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -172,7 +186,16 @@ impl Sandboxes {
             attach,
             failpoint: std::env::var(FAILPOINT_ENV).ok(),
             lock: Mutex::new(()),
+            policy_lock: Mutex::new(()),
         }
+    }
+
+    pub(super) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(super) fn network(&self) -> Option<&Arc<dyn CgroupAttach>> {
+        self.attach.as_ref()
     }
 
     pub fn cgroup_base(&self) -> &Path {
@@ -183,7 +206,7 @@ impl Sandboxes {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn failpoint(&self, point: &str) {
+    pub(super) fn failpoint(&self, point: &str) {
         if self.failpoint.as_deref() == Some(point) {
             eprintln!("gateway: failpoint {point}: killing myself with SIGKILL");
             // The test that set this wants a real SIGKILL at exactly this point.
@@ -343,6 +366,7 @@ impl Sandboxes {
         for rec in self.store.sandboxes()? {
             match rec.phase {
                 Phase::Ready => {
+                    self.fail_stale_revisions(&rec.name)?;
                     self.make_dirs(&rec.name)?;
                     ready.insert(rec.name.clone());
                     done.adopted.push(rec.name);

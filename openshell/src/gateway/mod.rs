@@ -16,6 +16,8 @@
 //! | `POST /v1/sandboxes` | [`api::CreateSandbox`] → [`api::SandboxInfo`] |
 //! | `GET /v1/sandboxes/{name}` | → [`api::SandboxInfo`] |
 //! | `DELETE /v1/sandboxes/{name}` | → `{}` |
+//! | `GET /v1/sandboxes/{name}/policy` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
+//! | `POST /v1/sandboxes/{name}/policy` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
 //! | `POST /v1/sandboxes/{name}/exec` | [`api::ExecRequest`] with `Upgrade: openshell-exec/1` → 101 |
 //!
 //! Errors are 4xx/5xx with an [`api::ErrorBody`].
@@ -48,6 +50,7 @@
 pub mod api;
 pub mod launch;
 pub mod lifecycle;
+pub mod revisions;
 mod server;
 pub mod wire;
 

@@ -25,9 +25,12 @@ use tokio::{
 };
 
 use super::{
-    api::{CreateSandbox, EXEC_UPGRADE, ErrorBody, ExecEvent, ExecRequest, GatewayStatus},
+    api::{
+        CreateSandbox, EXEC_UPGRADE, ErrorBody, ExecEvent, ExecRequest, GatewayStatus, SetPolicy,
+    },
     launch::{LaunchRequest, LaunchStdio, launch},
     lifecycle::{LifecycleError, Sandboxes},
+    revisions::RevisionError,
     wire::{EventReader, open_pty, send_event},
 };
 use crate::config::Paths;
@@ -184,6 +187,16 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
                 .await
                 .map(|records| json(StatusCode::OK, &records))
         }
+        (&Method::GET, ["v1", "sandboxes", name, "policy"]) => {
+            let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
+            revision_call(move || s.policy_revisions(&name))
+                .await
+                .map(|revisions| json(StatusCode::OK, &revisions))
+        }
+        (&Method::POST, ["v1", "sandboxes", name, "policy"]) => {
+            let name = (*name).to_owned();
+            set_policy(&state, name, req).await
+        }
         (&Method::POST, ["v1", "sandboxes", name, "exec"]) => {
             let name = (*name).to_owned();
             exec(state, name, req).await
@@ -195,6 +208,47 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
         )),
     };
     result.unwrap_or_else(|resp| resp)
+}
+
+fn revision_error(e: &RevisionError) -> Resp {
+    let (kind, status) = e.kind();
+    error(status, kind, e.to_string())
+}
+
+/// Runs a blocking policy-revision call off the async workers.
+async fn revision_call<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RevisionError> + Send + 'static,
+) -> Result<T, Resp> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(revision_error(&e)),
+        Err(e) => Err(error(500, "internal", format!("gateway task failed: {e}"))),
+    }
+}
+
+/// Answers as soon as the new revision is recorded (`pending`); loading continues after the
+/// response.
+async fn set_policy(state: &State, name: String, req: Request<Incoming>) -> Result<Resp, Resp> {
+    let body: SetPolicy = body_json(req).await?;
+    let s = Arc::clone(&state.sandboxes);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        let result = s.set_policy(&name, &body, |recorded| {
+            let _ = tx.send(recorded);
+        });
+        if let Err(e) = &result {
+            eprintln!("gateway: sandbox {name:?}: policy update: {e}");
+        }
+        result
+    });
+    if let Ok(recorded) = rx.await {
+        return Ok(json(StatusCode::OK, &recorded));
+    }
+    match task.await {
+        Ok(Err(e)) => Err(revision_error(&e)),
+        Ok(Ok(())) => Err(error(500, "internal", "the policy update recorded nothing")),
+        Err(e) => Err(error(500, "internal", format!("gateway task failed: {e}"))),
+    }
 }
 
 async fn status(state: &State) -> Result<Resp, Resp> {

@@ -114,7 +114,10 @@ impl Network {
         &self.listening
     }
 
-    /// The policy generation for sandbox `name`: its newest loaded revision, else its newest.
+    /// The policy generation for sandbox `name`: its newest loaded revision (a restarted
+    /// gateway restores what was in force), else its newest revision that did not fail (the
+    /// creation policy). A revision loaded for the first time is marked `loaded`, or `failed`
+    /// with the error.
     fn generation(&self, name: &str) -> Result<Generation, String> {
         let revisions = self
             .store
@@ -123,7 +126,11 @@ impl Network {
         let revision = revisions
             .iter()
             .find(|r| r.status == RevisionStatus::Loaded)
-            .or_else(|| revisions.first())
+            .or_else(|| {
+                revisions
+                    .iter()
+                    .find(|r| r.status != RevisionStatus::Failed)
+            })
             .ok_or_else(|| format!("sandbox {name:?} has no policy revision"))?;
         let source = self
             .store
@@ -131,8 +138,19 @@ impl Network {
             .ok()
             .flatten()
             .map_or_else(|| format!("sandbox {name} policy"), |s| s.policy_source);
-        Generation::from_text(&source, &revision.policy, revision.version)
-            .map_err(|e| e.to_string())
+        let generation = Generation::from_text(&source, &revision.policy, revision.version)
+            .map_err(|e| e.to_string());
+        let status = match &generation {
+            Ok(_) if revision.status == RevisionStatus::Loaded => None,
+            Ok(_) => Some((RevisionStatus::Loaded, None)),
+            Err(e) => Some((RevisionStatus::Failed, Some(e.as_str()))),
+        };
+        if let Some((status, error)) = status {
+            self.store
+                .set_revision_status(Some(name), revision.version, status, error)
+                .map_err(|e| e.to_string())?;
+        }
+        generation
     }
 }
 
@@ -154,6 +172,23 @@ impl CgroupAttach for Network {
             .map_err(|e| e.to_string())?;
         // Pinned: the programs stay attached after the handle is dropped (and after a restart).
         drop(attachment);
+        Ok(())
+    }
+
+    fn load_policy(
+        &self,
+        name: &str,
+        source: &str,
+        text: &str,
+        revision: i64,
+    ) -> Result<(), String> {
+        let sandbox = self
+            .registry
+            .by_name(name)
+            .ok_or_else(|| format!("sandbox {name:?} is not attached to the proxy"))?;
+        let generation =
+            Generation::from_text(source, text, revision).map_err(|e| e.to_string())?;
+        sandbox.set_generation(generation);
         Ok(())
     }
 

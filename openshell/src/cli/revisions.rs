@@ -1,0 +1,418 @@
+//! `openshell policy set|get|list NAME`: iterate on the network policy of a running sandbox.
+//!
+//! `policy get --full` prints a metadata header as YAML comments (`# Version: 3`,
+//! `# Hash: sha256:...`, `# Status: loaded`) before the policy, so its output can be edited and
+//! fed back to `policy set` as it is. `policy set` also accepts the original OpenShell header
+//! style (plain `Version:`/`Hash:`/`Status:` lines, optionally followed by `---`): it turns
+//! those lines into comments, which keeps every line number of the file.
+//!
+//! Exit codes of `policy set --wait`: 0 loaded, 1 invalid or failed to load, 124 timed out or
+//! no gateway reachable.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::Read as _,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+
+use super::{logs::rfc3339_ms, policy::OutputFormat};
+use crate::{
+    client::{Client, ClientError},
+    config::Paths,
+    gateway::api::SetPolicy,
+    policy::{self, MAX_POLICY_BYTES, PolicyErrors},
+    store::{PolicyRevision, RevisionStatus},
+};
+
+/// Exit code of `policy set --wait` when the revision did not load in time or the gateway is
+/// unreachable.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// How often `policy set --wait` asks for the revision's status.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Keys of the metadata header of `policy get --full`.
+const HEADER_KEYS: [&str; 3] = ["Version", "Hash", "Status"];
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// The policy file (static sections may be omitted; if present they must be unchanged).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Wait until the gateway loaded the revision (exit 0) or failed to (exit 1).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait with --wait before giving up (exit 124).
+    #[arg(long, default_value_t = 60, requires = "wait")]
+    pub timeout: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum GetFormat {
+    #[default]
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Print the metadata header (version, hash, status) as YAML comments before the policy.
+    #[arg(long)]
+    pub full: bool,
+    /// The revision to show (default: the one in force).
+    #[arg(long)]
+    pub rev: Option<i64>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: GetFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+fn is_header_line(line: &str) -> bool {
+    let line = line.trim_start_matches('#').trim();
+    HEADER_KEYS.iter().any(|k| {
+        line.strip_prefix(k)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
+}
+
+/// Turns a leading metadata header (commented or not, optionally ended by `---`) into YAML
+/// comments, line for line.
+#[must_use]
+pub fn comment_out_header(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_header = true;
+    for line in text.split_inclusive('\n') {
+        if in_header && is_header_line(line) {
+            if !line.starts_with('#') {
+                out.push_str("# ");
+            }
+        } else {
+            // The header (and a `---` ending it, kept as a YAML document start) is over.
+            in_header = false;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// `text` without its leading metadata header (and the `---` that may end it).
+#[must_use]
+pub fn strip_header(text: &str) -> &str {
+    let mut rest = text;
+    let mut stripped = false;
+    while let Some(line) = rest.split_inclusive('\n').next() {
+        if is_header_line(line) {
+            rest = &rest[line.len()..];
+            stripped = true;
+        } else {
+            if stripped && line.trim_end() == "---" {
+                rest = &rest[line.len()..];
+            }
+            break;
+        }
+    }
+    rest
+}
+
+fn hash(rev: &PolicyRevision) -> String {
+    format!("sha256:{}", rev.sha256)
+}
+
+/// What `policy get --full` prints.
+#[must_use]
+pub fn render_full(rev: &PolicyRevision) -> String {
+    let mut out = format!(
+        "# Version: {}\n# Hash: {}\n# Status: {}\n",
+        rev.version,
+        hash(rev),
+        rev.status.as_str()
+    );
+    if let Some(error) = &rev.error {
+        for line in error.lines() {
+            let _ = writeln!(out, "# Error: {line}");
+        }
+    }
+    out.push_str(strip_header(&rev.policy));
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// What `policy list` prints: newest first, one revision a line.
+#[must_use]
+pub fn render_list(revisions: &[PolicyRevision]) -> String {
+    let mut out = format!(
+        "{:<8} {:<20} {:<11} {:<25} ERROR\n",
+        "VERSION", "HASH", "STATUS", "CREATED"
+    );
+    for rev in revisions {
+        let short: String = hash(rev).chars().take(19).collect();
+        let error = rev.error.as_deref().map_or_else(
+            || "-".to_owned(),
+            |e| e.lines().collect::<Vec<_>>().join("; "),
+        );
+        let _ = writeln!(
+            out,
+            "{:<8} {:<20} {:<11} {:<25} {error}",
+            rev.version,
+            short,
+            rev.status.as_str(),
+            rfc3339_ms(rev.created_ms)
+        );
+    }
+    out
+}
+
+/// Reads a policy file as text, with the limits and messages of `policy validate`.
+fn read_policy(path: &std::path::Path) -> Result<String, PolicyErrors> {
+    let name = path.display().to_string();
+    let unreadable = |e: std::io::Error| {
+        PolicyErrors::whole_file(
+            &name,
+            format!("cannot read the policy file: {e}"),
+            "check the path and its permissions",
+        )
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .map_err(unreadable)?
+        .take(MAX_POLICY_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() > MAX_POLICY_BYTES {
+        let len = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(policy::too_large(&name, len));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        PolicyErrors::whole_file(
+            &name,
+            format!(
+                "the file is not UTF-8 (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+            "save the policy as UTF-8 text",
+        )
+    })
+}
+
+fn unreachable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::NotRunning { .. } | ClientError::Transport { .. }
+    )
+}
+
+pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
+    let source = args.policy.display().to_string();
+    let text = match read_policy(&args.policy) {
+        Ok(text) => comment_out_header(&text),
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Err(errors) = policy::parse(&source, &text) {
+        eprintln!("{errors}");
+        eprintln!("the policy of sandbox {:?} is unchanged", args.name);
+        return Ok(ExitCode::FAILURE);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let client = Client::new(Paths::from_env())?;
+    let request = SetPolicy {
+        policy_source: source,
+        policy: text,
+    };
+    let result = match client.set_policy(&args.name, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let code = if args.wait && unreachable(&e) {
+                EXIT_TIMEOUT
+            } else {
+                1
+            };
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let rev = result.revision;
+    if result.unchanged {
+        println!(
+            "sandbox {}: policy unchanged (version {} {}, {})",
+            args.name,
+            rev.version,
+            hash(&rev),
+            rev.status.as_str()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "sandbox {}: policy version {} {} {}",
+        args.name,
+        rev.version,
+        hash(&rev),
+        rev.status.as_str()
+    );
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let current = match client.policy_revisions(&args.name) {
+            Ok(revs) => revs.into_iter().find(|r| r.version == rev.version),
+            Err(e) if unreachable(&e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(EXIT_TIMEOUT));
+            }
+            Err(e) => return Err(e).context("asking for the revision's status"),
+        };
+        match current.as_ref().map(|r| (r.status, r.error.as_deref())) {
+            Some((RevisionStatus::Loaded | RevisionStatus::Superseded, _)) => {
+                println!(
+                    "sandbox {}: policy version {} loaded",
+                    args.name, rev.version
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some((RevisionStatus::Failed, error)) => {
+                eprintln!(
+                    "sandbox {}: policy version {} failed to load; the previous policy stays in force:\n{}",
+                    args.name,
+                    rev.version,
+                    error.unwrap_or("(no error recorded)")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Some((RevisionStatus::Pending, _)) | None => {}
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "sandbox {}: policy version {} still pending after {} s",
+                args.name, rev.version, args.timeout
+            );
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn revisions(name: &str) -> anyhow::Result<Vec<PolicyRevision>> {
+    let client = Client::new(Paths::from_env())?;
+    client.ensure_running()?;
+    Ok(client.policy_revisions(name)?)
+}
+
+pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
+    let revs = revisions(&args.name)?;
+    let rev = match args.rev {
+        Some(v) => revs.iter().find(|r| r.version == v),
+        None => revs
+            .iter()
+            .find(|r| r.status == RevisionStatus::Loaded)
+            .or_else(|| revs.first()),
+    };
+    let Some(rev) = rev else {
+        anyhow::bail!(
+            "sandbox {:?} has no policy revision {} (see `openshell policy list {}`)",
+            args.name,
+            args.rev.unwrap_or(1),
+            args.name
+        );
+    };
+    match (args.output, args.full) {
+        (GetFormat::Json, _) => println!("{}", serde_json::to_string_pretty(rev)?),
+        (GetFormat::Yaml, true) => print!("{}", render_full(rev)),
+        (GetFormat::Yaml, false) => print!("{}", strip_header(&rev.policy)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
+    let revs = revisions(&args.name)?;
+    match args.output {
+        OutputFormat::Text => print!("{}", render_list(&revs)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&revs)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(version: i64, status: RevisionStatus, error: Option<&str>) -> PolicyRevision {
+        PolicyRevision {
+            sandbox: Some("demo".to_owned()),
+            version,
+            sha256: format!("{version}").repeat(64),
+            policy: "# Version: 1\n# Hash: sha256:x\n# Status: loaded\nversion: 1\nnetwork_policies: {}\n".to_owned(),
+            status,
+            error: error.map(str::to_owned),
+            created_ms: 1_795_000_000_000 + version * 60_000,
+        }
+    }
+
+    #[test]
+    fn full_output_replaces_a_stored_header() {
+        insta::assert_snapshot!(render_full(&rev(3, RevisionStatus::Loaded, None)), @r"
+        # Version: 3
+        # Hash: sha256:3333333333333333333333333333333333333333333333333333333333333333
+        # Status: loaded
+        version: 1
+        network_policies: {}
+        ");
+    }
+
+    #[test]
+    fn list_output() {
+        let revs = [
+            rev(
+                3,
+                RevisionStatus::Failed,
+                Some("p.yaml:5:9: error: bad\np.yaml:7:1: error: worse"),
+            ),
+            rev(2, RevisionStatus::Loaded, None),
+            rev(1, RevisionStatus::Superseded, None),
+        ];
+        insta::assert_snapshot!(render_list(&revs), @r"
+        VERSION  HASH                 STATUS      CREATED                   ERROR
+        3        sha256:333333333333  failed      2026-11-18T11:09:40.000Z  p.yaml:5:9: error: bad; p.yaml:7:1: error: worse
+        2        sha256:222222222222  loaded      2026-11-18T11:08:40.000Z  -
+        1        sha256:111111111111  superseded  2026-11-18T11:07:40.000Z  -
+        ");
+    }
+
+    #[test]
+    fn original_header_style_becomes_comments_keeping_lines() {
+        let original = "Version: 3\nHash: sha256:abc\nStatus: Loaded\n---\nversion: 1\n";
+        let commented = comment_out_header(original);
+        assert_eq!(
+            commented,
+            "# Version: 3\n# Hash: sha256:abc\n# Status: Loaded\n---\nversion: 1\n"
+        );
+        assert_eq!(commented.lines().count(), original.lines().count());
+        policy::parse("p.yaml", &commented).unwrap();
+        assert_eq!(strip_header(original), "version: 1\n");
+        assert_eq!(strip_header(&commented), "version: 1\n");
+        // A policy without a header is left alone.
+        let plain = "# my notes\nversion: 1\n";
+        assert_eq!(comment_out_header(plain), plain);
+        assert_eq!(strip_header(plain), plain);
+    }
+}

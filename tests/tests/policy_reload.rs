@@ -1,0 +1,400 @@
+//! Issue 7, the seed's "Iterate on a Running Sandbox" loop through the real gateway, proxy,
+//! eBPF programs and a DNS + HTTPS test host: a denial seen in `logs`, `policy get --full`
+//! edited and fed back to `policy set --wait`, the same request then allowed, `policy list`;
+//! refused updates (invalid file, changed static section, failed load) leave the old policy in
+//! force; a restarted gateway restores the latest loaded revision.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod proxy_support;
+
+use std::time::{Duration, Instant};
+
+use openshell_tests::gateway::{Run, TestGateway};
+use proxy_support::{TestHost, privileged};
+
+fn gateway_for(host: &TestHost) -> TestGateway {
+    let gw = TestGateway::new().unwrap();
+    std::fs::write(
+        &gw.config,
+        format!(
+            "[gateway]\ncgroup_base = \"{}\"\n\
+             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n",
+            gw.cgroup_base,
+            host.dns.addr()
+        ),
+    )
+    .unwrap();
+    gw
+}
+
+/// Creation policy: pypi is reachable for pip only, so curl's connection is denied.
+const INITIAL: &str = "version: 1
+filesystem_policy:
+  read_only: [/usr, /lib, /etc]
+  read_write: [/sandbox, /tmp]
+network_policies:
+  pip:
+    name: pip
+    endpoints:
+      - host: pypi.org
+        port: 443
+    binaries:
+      - { path: /usr/bin/pip }
+";
+
+/// The block the operator adds (indented under `network_policies:`).
+const PYPI_BLOCK: &str = "  pypi:
+    name: pypi
+    endpoints:
+      - host: pypi.org
+        port: 443
+    binaries:
+      - { path: /usr/bin/curl }
+";
+
+fn curl(gw: &TestGateway, url: &str) -> Run {
+    gw.run(&[
+        "sandbox",
+        "exec",
+        "iter",
+        "--",
+        "curl",
+        "-sSk",
+        "--max-time",
+        "10",
+        url,
+    ])
+    .unwrap()
+}
+
+/// `policy list` with the hash and time columns masked.
+fn masked_list(gw: &TestGateway) -> String {
+    let run = gw.run(&["policy", "list", "iter"]).unwrap().ok().unwrap();
+    run.stdout
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            assert!(cols[1].starts_with("sha256:"), "{line}");
+            assert!(cols[3].ends_with('Z'), "{line}");
+            format!(
+                "{} [hash] {} [time] {}",
+                cols[0],
+                cols[2],
+                cols[4..].join(" ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Polls `logs -o json` (bounded) for a decision matching `pred`.
+fn wait_for_log(gw: &TestGateway, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = gw
+            .run(&["logs", "iter", "-o", "json"])
+            .unwrap()
+            .ok()
+            .unwrap();
+        let found = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| pred(l));
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no such decision: {run:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn iterate_on_a_running_sandbox() {
+    if !privileged() {
+        return;
+    }
+    let host = TestHost::new(&["pypi.org"]).unwrap();
+    host.dns.add("pypi.org", host.ip());
+    let gw = gateway_for(&host);
+    let dir = gw.dir.path().to_owned();
+    let initial = dir.join("initial.yaml");
+    std::fs::write(&initial, INITIAL).unwrap();
+
+    // 1. Create a sandbox whose policy denies pypi for curl.
+    let run = gw
+        .run(&[
+            "sandbox",
+            "create",
+            "--name",
+            "iter",
+            "--policy",
+            initial.to_str().unwrap(),
+            "--",
+            "curl",
+            "-sSk",
+            "--max-time",
+            "10",
+            "https://pypi.org/denied",
+        ])
+        .unwrap();
+    assert_ne!(run.code, Some(0), "pypi must be denied: {run:?}");
+    assert!(host.requests().is_empty());
+
+    // 2. The denial is in the logs.
+    let deny = wait_for_log(&gw, |l| l["decision"] == "deny" && l["port"] == 443);
+    assert_eq!(deny["binary"], "/usr/bin/curl");
+    assert_eq!(deny["host"], "pypi.org");
+    assert_eq!(deny["revision"], 1);
+
+    // 3. Pull the policy with its header; revision 1 was marked loaded by the proxy.
+    let got = gw
+        .run(&["policy", "get", "iter", "--full"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    let hash = got
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("# Hash: sha256:")
+        .unwrap();
+    assert_eq!(hash.len(), 64, "{got:?}");
+    insta::assert_snapshot!(got.stdout.replace(hash, "[hash]"), @r"
+    # Version: 1
+    # Hash: sha256:[hash]
+    # Status: loaded
+    version: 1
+    filesystem_policy:
+      read_only: [/usr, /lib, /etc]
+      read_write: [/sandbox, /tmp]
+    network_policies:
+      pip:
+        name: pip
+        endpoints:
+          - host: pypi.org
+            port: 443
+        binaries:
+          - { path: /usr/bin/pip }
+    ");
+
+    // 4. Add the pypi block to the pulled file, header and all.
+    let edited = dir.join("p.yaml");
+    std::fs::write(&edited, format!("{}{PYPI_BLOCK}", got.stdout)).unwrap();
+    let edited = edited.to_str().unwrap().to_owned();
+
+    // 5. Push it and wait.
+    let set = gw
+        .run(&["policy", "set", "iter", "--policy", &edited, "--wait"])
+        .unwrap();
+    assert_eq!(set.code, Some(0), "{set:?}");
+    assert!(set.stdout.contains("policy version 2 loaded"), "{set:?}");
+
+    // 6. The same request now succeeds, decided by revision 2.
+    let run = curl(&gw, "https://pypi.org/allowed");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(host.requests(), ["/allowed"]);
+    let allow = wait_for_log(&gw, |l| l["decision"] == "allow" && l["host"] == "pypi.org");
+    assert_eq!(allow["revision"], 2);
+    assert_eq!(allow["block"], "pypi");
+
+    // 7. Both revisions are listed, newest first.
+    insta::assert_snapshot!(masked_list(&gw), @r"
+    2 [hash] loaded [time] -
+    1 [hash] superseded [time] -
+    ");
+
+    // Older revisions stay readable; JSON carries the same fields.
+    let rev1 = gw
+        .run(&["policy", "get", "iter", "--rev", "1", "-o", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(rev1["version"], 1);
+    assert_eq!(rev1["status"], "superseded");
+    assert_eq!(rev1["sha256"], hash);
+    assert_eq!(rev1["policy"], INITIAL);
+
+    // The original header style (plain `Version:` lines and `---`) is accepted as well, and
+    // the same policy again is unchanged: no new version.
+    let plain = dir.join("plain.yaml");
+    let text = std::fs::read_to_string(&edited).unwrap();
+    let body = text.split_once("# Status: loaded\n").unwrap().1;
+    std::fs::write(
+        &plain,
+        format!("Version: 1\nHash: sha256:{hash}\nStatus: Loaded\n---\n{body}"),
+    )
+    .unwrap();
+    let same = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            plain.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(same.code, Some(0), "{same:?}");
+    assert!(
+        same.stdout.contains("policy unchanged (version 2"),
+        "{same:?}"
+    );
+
+    // The same policy again: unchanged, no new version.
+    let same = gw
+        .run(&["policy", "set", "iter", "--policy", &edited, "--wait"])
+        .unwrap();
+    assert_eq!(same.code, Some(0), "{same:?}");
+    assert!(
+        same.stdout.contains("policy unchanged (version 2"),
+        "{same:?}"
+    );
+
+    // An invalid file: line-numbered errors, exit 1, no new version, pypi still allowed.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("{}{PYPI_BLOCK}", got.stdout)
+            .replace("port: 443\n    binaries", "port: 99999\n    binaries"),
+    )
+    .unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let prefix = format!("{}:13:", bad.display());
+    assert!(run.stderr.contains(&prefix), "{run:?}");
+    assert!(run.stderr.contains(": error: "), "{run:?}");
+
+    // A changed static section is refused, naming it.
+    let statics = dir.join("statics.yaml");
+    std::fs::write(
+        &statics,
+        std::fs::read_to_string(&edited).unwrap().replace(
+            "read_write: [/sandbox, /tmp]",
+            "read_write: [/sandbox, /tmp, /var]",
+        ),
+    )
+    .unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            statics.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("static section `filesystem_policy` differs"),
+        "{run:?}"
+    );
+
+    // A revision the proxy cannot load is recorded as failed; the previous one stays in force.
+    let rest = dir.join("rest.yaml");
+    std::fs::write(
+        &rest,
+        format!(
+            "{}  api:\n    endpoints:\n      - host: api.example.com\n        port: 443\n        protocol: rest\n        access: full\n    binaries:\n      - {{ path: /usr/bin/curl }}\n",
+            std::fs::read_to_string(&edited).unwrap()
+        ),
+    )
+    .unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            rest.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("failed to load"), "{run:?}");
+    assert!(run.stderr.contains("is not supported yet"), "{run:?}");
+    let listed = masked_list(&gw);
+    assert!(listed.starts_with("3 [hash] failed [time] "), "{listed}");
+    assert!(
+        listed.ends_with("2 [hash] loaded [time] -\n1 [hash] superseded [time] -"),
+        "{listed}"
+    );
+    let run = curl(&gw, "https://pypi.org/still-allowed");
+    assert_eq!(run.code, Some(0), "{run:?}");
+
+    // No gateway: `--wait` exits 124.
+    gw.run(&["gateway", "stop"]).unwrap().ok().unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            &edited,
+            "--wait",
+            "--timeout",
+            "5",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(124), "{run:?}");
+
+    // A restarted gateway restores revision 2, not the creation policy.
+    let run = curl(&gw, "https://pypi.org/after-restart");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        host.requests(),
+        ["/allowed", "/still-allowed", "/after-restart"]
+    );
+    let listed = masked_list(&gw);
+    assert!(listed.contains("2 [hash] loaded"), "{listed}");
+
+    // A gateway killed between recording a revision and loading it: the restarted gateway
+    // marks that revision failed and keeps revision 2 in force.
+    gw.run(&["gateway", "stop"]).unwrap().ok().unwrap();
+    let mut cmd = gw.command();
+    cmd.env("OPENSHELL_FAILPOINT", "policy-after-record")
+        .args(["gateway", "start"]);
+    openshell_tests::gateway::run_with_timeout(cmd, b"", Duration::from_secs(60))
+        .unwrap()
+        .ok()
+        .unwrap();
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            initial.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(124), "{run:?}");
+    let log = std::fs::read_to_string(gw.state_dir().join("gateway.log")).unwrap();
+    assert!(log.contains("failpoint policy-after-record"), "{log}");
+    let listed = masked_list(&gw);
+    assert!(
+        listed.starts_with("4 [hash] failed [time] the gateway stopped before loading"),
+        "{listed}"
+    );
+    assert!(listed.contains("2 [hash] loaded"), "{listed}");
+    let run = curl(&gw, "https://pypi.org/after-crash");
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
