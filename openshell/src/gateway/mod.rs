@@ -49,6 +49,7 @@ pub mod api;
 pub mod launch;
 pub mod lifecycle;
 mod server;
+pub mod trust;
 pub mod wire;
 
 use std::{
@@ -93,6 +94,8 @@ pub enum GatewayError {
     Runtime(#[source] io::Error),
     #[error("starting the proxy: {0}")]
     Proxy(#[from] crate::proxy::ProxyError),
+    #[error("sandbox certificate authorities: {0}")]
+    Trust(#[from] trust::TrustError),
 }
 
 fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> GatewayError {
@@ -176,10 +179,12 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
         .map_err(GatewayError::Runtime)?;
     // The proxy and the eBPF programs are up before any sandbox is (re-)attached.
     let network = crate::proxy::network::Network::start(&runtime, config, store.clone())?;
+    let cas = trust::CaStore::open(paths.ca_dir())?;
     let sandboxes = Arc::new(Sandboxes::new(
         store,
         paths.clone(),
         cgroups,
+        cas,
         Some(network as Arc<dyn CgroupAttach>),
     ));
     let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;
