@@ -197,3 +197,30 @@ impl CgroupAttach for Network {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_extra_roots_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let shown = |file: &Path| {
+            extra_roots(&[file.to_path_buf()])
+                .unwrap_err()
+                .to_string()
+                .replace(&dir.path().display().to_string(), "DIR")
+        };
+        insta::assert_snapshot!(format!("{}\n{}", shown(&missing), shown(&empty)), @"
+        proxy configuration: [tls] extra_roots: DIR/missing.pem: I/O error: No such file or directory (os error 2); name a readable PEM file of CA certificates
+        proxy configuration: [tls] extra_roots: DIR/empty.pem: no CERTIFICATE block; name a readable PEM file of CA certificates
+        ");
+        let ca = crate::tls::SandboxCa::generate("t").unwrap();
+        let good = dir.path().join("good.pem");
+        std::fs::write(&good, ca.cert_pem()).unwrap();
+        assert_eq!(extra_roots(&[good]).unwrap(), vec![ca.cert_der().clone()]);
+    }
+}
