@@ -9,7 +9,10 @@
 
 mod proxy_support;
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
 
 use openshell_tests::{
     dns::TestDns,
@@ -330,4 +333,37 @@ fn rest_endpoint_is_inspected_with_the_sandbox_ca() {
     assert_eq!(denied["port"], 443);
     assert_eq!(denied["revision"], 1);
     find("allow", "POST /graphql");
+
+    // A restarted gateway terminates TLS with the same CA, whose key stays root-only.
+    let ca_dir = gw.state_dir().join("ca/gh");
+    let key_mode = std::fs::metadata(ca_dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let ca_before = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    gw.run(&["gateway", "stop"]).unwrap().ok().unwrap();
+    gw.run(&["gateway", "start"]).unwrap().ok().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+        ca_before
+    );
+    let run = gw
+        .run(&[
+            "sandbox",
+            "exec",
+            "gh",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("{api}/alpha-repo/after-restart"),
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        upstream.seen().last().map(|s| s.target.clone()).as_deref(),
+        Some("/repos/acme/alpha-repo/after-restart")
+    );
 }
