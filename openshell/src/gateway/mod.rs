@@ -43,7 +43,9 @@
 //!
 //! Stopping or killing the gateway does not stop sandboxes. A starting gateway reconciles
 //! ([`lifecycle`]): it re-adopts ready sandboxes and their cgroups, rolls back half-created ones
-//! and removes orphan cgroups under its cgroup base.
+//! and removes orphan cgroups under its cgroup base. Each sandbox's certificate authority is kept
+//! under `<state dir>/ca` ([`trust`]), so a restarted gateway keeps terminating the TLS of the
+//! sandboxes it re-adopts with the CA they already trust.
 
 pub mod api;
 pub mod launch;
