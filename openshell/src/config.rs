@@ -104,6 +104,11 @@ impl Paths {
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.state_dir.join("sandboxes")
     }
+
+    /// The sandboxes' certificate authorities (root only, never mounted into a sandbox).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
 }
 
 /// The gateway's settings (`OPENSHELL_GATEWAY_CONFIG`). None of these is a policy field.

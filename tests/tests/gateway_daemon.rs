@@ -86,10 +86,18 @@ fn bad_settings_file_is_reported_with_the_key() -> Result<()> {
         "{}",
         run.stderr
     );
-    std::fs::write(
-        &gw.config,
-        format!("{good}[tls]\nextra_roots = [\"/tmp/ca.pem\"]\n"),
-    )?;
+    let ca = gw.dir.path().join("ca.pem");
+    let with_root = format!("{good}[tls]\nextra_roots = [\"{}\"]\n", ca.display());
+    std::fs::write(&gw.config, &with_root)?;
+    let run = gw.run(&["gateway", "start"])?;
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr
+            .contains(&format!("[tls] extra_roots: {}", ca.display())),
+        "a missing root file is named: {}",
+        run.stderr
+    );
+    std::fs::write(&ca, openshell_tests::upstream::TestCa::new()?.cert_pem)?;
     gw.run(&["gateway", "start"])?.ok()?;
     Ok(())
 }

@@ -9,9 +9,17 @@
 
 mod proxy_support;
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
 
-use openshell_tests::gateway::TestGateway;
+use openshell_tests::{
+    dns::TestDns,
+    gateway::TestGateway,
+    netns::TestNet,
+    upstream::{TestCa, Upstream},
+};
 use proxy_support::{TestHost, privileged, python3};
 
 fn gateway_for(host: &TestHost) -> TestGateway {
@@ -147,41 +155,215 @@ fn sandbox_create_curl_allowed_python_denied_and_logged() {
     assert!(text.stdout.contains("DENY"), "{text:?}");
 }
 
+/// The seed's `github_repos` block for organisation `acme`, for curl and python3 as well.
+fn github_policy() -> String {
+    let seed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/github_repos.yaml"),
+    )
+    .unwrap();
+    let python = python3().display().to_string();
+    seed.replace("<org_name>", "acme").replace(
+        "      - { path: /usr/bin/gh }\n",
+        &format!(
+            "      - {{ path: /usr/bin/gh }}\n      - {{ path: /usr/bin/curl }}\n      - {{ path: {python} }}\n"
+        ),
+    )
+}
+
 #[test]
-fn rest_endpoint_is_refused_until_inspection_lands() {
+fn rest_endpoint_is_inspected_with_the_sandbox_ca() {
     if !privileged() {
         return;
     }
-    let host = TestHost::new(&["api.example.com"]).unwrap();
-    let gw = gateway_for(&host);
-    let policy = gw.dir.path().join("rest.yaml");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = runtime.enter();
+    let net = TestNet::new().unwrap();
+    let dns = TestDns::start_in(&net).unwrap();
+    let ca = TestCa::new().unwrap();
+    let upstream = Upstream::start(&net, &ca, &["api.github.com"]).unwrap();
+    dns.add("api.github.com", net.ns_v4().into());
+    let gw = TestGateway::new().unwrap();
+    let test_ca = gw.dir.path().join("test-ca.pem");
+    std::fs::write(&test_ca, &ca.cert_pem).unwrap();
     std::fs::write(
-        &policy,
-        "version: 1
-network_policies:
-  my_api:
-    endpoints:
-      - host: api.example.com
-        port: 443
-        protocol: rest
-        access: full
-    binaries:
-      - { path: /usr/bin/curl }
-",
+        &gw.config,
+        format!(
+            "[gateway]\ncgroup_base = \"{}\"\n\
+             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n\
+             [tls]\nextra_roots = [\"{}\"]\n",
+            gw.cgroup_base,
+            dns.addr(),
+            test_ca.display()
+        ),
     )
     .unwrap();
+    let policy = gw.dir.path().join("github.yaml");
+    std::fs::write(&policy, github_policy()).unwrap();
     let policy = policy.display().to_string();
+    let api = "https://api.github.com/repos/acme";
+
+    // No -k and no CA option: the sandbox trusts its CA through the bundle alone.
     let run = gw
         .run(&[
-            "sandbox", "create", "--name", "rest", "--policy", &policy, "--", "true",
+            "sandbox",
+            "create",
+            "--name",
+            "gh",
+            "--policy",
+            &policy,
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("{api}/alpha-repo/issues?state=open"),
         ])
         .unwrap();
-    assert_ne!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.contains("is not supported yet"), "{run:?}");
-    let list = gw
-        .run(&["sandbox", "list", "-o", "json"])
-        .unwrap()
-        .ok()
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("\"method\":\"GET\""), "{run:?}");
+
+    let run = gw
+        .run(&[
+            "sandbox",
+            "exec",
+            "gh",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            "DELETE",
+            "-w",
+            "\n%{http_code}",
+            &format!("{api}/bravo-repo"),
+        ])
         .unwrap();
-    assert!(!list.stdout.contains("\"rest\""), "rolled back: {list:?}");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let (body, status) = run.stdout.rsplit_once('\n').unwrap();
+    assert_eq!(status, "403", "{run:?}");
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"], "policy_denied");
+    assert_eq!(body["block"], "github_repos");
+    assert_eq!(body["host"], "api.github.com");
+    assert_eq!(body["binary"], "/usr/bin/curl");
+    assert_eq!(
+        body["reason"],
+        "DELETE /repos/acme/bravo-repo not permitted by block github_repos"
+    );
+
+    // Plain python3: the variables name the bundle, the default CA path shows it too.
+    let script = "import sys, urllib.request\n\
+                  r = urllib.request.urlopen(sys.argv[1], timeout=10)\n\
+                  print(r.status, r.read().decode())";
+    let python = python3().display().to_string();
+    let run = gw
+        .run(&[
+            "sandbox",
+            "exec",
+            "gh",
+            "--",
+            &python,
+            "-c",
+            script,
+            &format!("{api}/alpha-repo/pulls"),
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("200 {"), "{run:?}");
+    let run = gw
+        .run(&[
+            "sandbox",
+            "exec",
+            "gh",
+            "--",
+            &python,
+            "-c",
+            "import os, urllib.request\n\
+             del os.environ['SSL_CERT_FILE']\n\
+             urllib.request.urlopen('https://api.github.com/graphql', b'{}', timeout=10)",
+        ])
+        .unwrap();
+    assert_eq!(
+        run.code,
+        Some(0),
+        "the default CA path shows the bundle: {run:?}"
+    );
+
+    let seen: Vec<(String, String)> = upstream
+        .seen()
+        .into_iter()
+        .map(|s| (s.method, s.target))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "GET".to_owned(),
+                "/repos/acme/alpha-repo/issues?state=open".to_owned()
+            ),
+            ("GET".to_owned(), "/repos/acme/alpha-repo/pulls".to_owned()),
+            ("POST".to_owned(), "/graphql".to_owned()),
+        ],
+        "the denied DELETE never arrived"
+    );
+
+    let logs = json_logs(&gw, "gh", 8);
+    let find = |decision: &str, reason: &str| {
+        logs.iter()
+            .find(|l| {
+                l["decision"] == decision && l["reason"].as_str().unwrap().starts_with(reason)
+            })
+            .unwrap_or_else(|| panic!("no {decision} {reason}: {logs:#?}"))
+    };
+    let allowed = find("allow", "GET /repos/acme/alpha-repo/issues?state=open");
+    assert_eq!(allowed["binary"], "/usr/bin/curl");
+    assert_eq!(allowed["host"], "api.github.com");
+    assert_eq!(allowed["block"], "github_repos");
+    let denied = find(
+        "deny",
+        "DELETE /repos/acme/bravo-repo not permitted by block github_repos",
+    );
+    assert_eq!(denied["binary"], "/usr/bin/curl");
+    assert_eq!(denied["port"], 443);
+    assert_eq!(denied["revision"], 1);
+    find("allow", "POST /graphql");
+
+    // A restarted gateway terminates TLS with the same CA, whose key stays root-only.
+    let ca_dir = gw.state_dir().join("ca/gh");
+    let key_mode = std::fs::metadata(ca_dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let ca_before = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    gw.run(&["gateway", "stop"]).unwrap().ok().unwrap();
+    gw.run(&["gateway", "start"]).unwrap().ok().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+        ca_before
+    );
+    let run = gw
+        .run(&[
+            "sandbox",
+            "exec",
+            "gh",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("{api}/alpha-repo/after-restart"),
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        upstream.seen().last().map(|s| s.target.clone()).as_deref(),
+        Some("/repos/acme/alpha-repo/after-restart")
+    );
 }

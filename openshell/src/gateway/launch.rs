@@ -7,7 +7,7 @@ use std::{os::fd::OwnedFd, path::PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::{Compatibility, FsRules, LaunchSpec, SandboxStdio};
+use crate::sandbox::{Compatibility, FsRules, LaunchSpec, ReadOnlyBind, SandboxStdio};
 
 /// The static sections of a sandbox's policy (fixed at creation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +71,8 @@ pub struct LaunchRequest {
     /// Host directory mounted at `/tmp`.
     pub tmpdir: PathBuf,
     pub config: StaticConfig,
+    /// The sandbox's CA bundle over the distro's default CA path.
+    pub trust_mount: Option<ReadOnlyBind>,
 }
 
 /// The standard streams of the new process.
@@ -124,6 +126,7 @@ pub fn launch(req: &LaunchRequest, stdio: LaunchStdio) -> Result<Launched, Launc
         run_as_user: c.run_as_user.clone(),
         run_as_group: c.run_as_group.clone(),
         init_program: std::env::current_exe().map_err(LaunchError::InitProgram)?,
+        read_only_bind: req.trust_mount.clone(),
     };
     let launched = crate::sandbox::spawn(
         &spec,

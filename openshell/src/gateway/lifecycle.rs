@@ -9,12 +9,12 @@
 //! alone: their cgroup is simply re-adopted.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     fs,
     hash::{BuildHasher, Hasher},
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -22,11 +22,13 @@ use crate::{
     cgroup::{CgroupBase, CgroupError, SandboxCgroup},
     config::Paths,
     store::{NewSandbox, Phase, SandboxRecord, Store, StoreError},
+    tls::SandboxCa,
 };
 
 use super::{
     api::{CreateSandbox, SandboxInfo},
     launch::{LaunchRequest, StaticConfig},
+    trust::{CaStore, TrustError, TrustSetup},
 };
 
 /// Environment variable naming a crash point for the crash-consistency tests
@@ -39,9 +41,10 @@ pub const FAILPOINT_ENV: &str = "OPENSHELL_FAILPOINT";
 const NAME_ATTEMPTS: usize = 8;
 
 /// Attaches network enforcement to a sandbox cgroup before its first process runs (the eBPF
-/// interceptor implements this).
+/// interceptor implements this). `ca` is the sandbox's certificate authority, for terminating
+/// the TLS of inspected connections.
 pub trait CgroupAttach: Send + Sync {
-    fn attach(&self, cgroup_dir: &Path) -> Result<(), String>;
+    fn attach(&self, cgroup_dir: &Path, ca: Arc<SandboxCa>) -> Result<(), String>;
     /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
     /// implementation).
     fn detach(&self, _cgroup_dir: &Path) {}
@@ -90,6 +93,12 @@ pub enum LifecycleError {
     },
     #[error("sandbox {name:?}: attaching network enforcement: {message}")]
     Attach { name: String, message: String },
+    #[error("sandbox {name:?}: certificate authority: {source}")]
+    Trust {
+        name: String,
+        #[source]
+        source: TrustError,
+    },
 }
 
 impl LifecycleError {
@@ -120,6 +129,9 @@ pub struct Sandboxes {
     store: Arc<dyn Store>,
     paths: Paths,
     cgroups: CgroupBase,
+    cas: CaStore,
+    /// How each ready sandbox's processes trust its CA.
+    trust: Mutex<HashMap<String, TrustSetup>>,
     attach: Option<Arc<dyn CgroupAttach>>,
     failpoint: Option<String>,
     /// Serialises create and delete (cheap; they are rare).
@@ -177,12 +189,15 @@ impl Sandboxes {
         store: Arc<dyn Store>,
         paths: Paths,
         cgroups: CgroupBase,
+        cas: CaStore,
         attach: Option<Arc<dyn CgroupAttach>>,
     ) -> Self {
         Self {
             store,
             paths,
             cgroups,
+            cas,
+            trust: Mutex::new(HashMap::new()),
             attach,
             failpoint: std::env::var(FAILPOINT_ENV).ok(),
             lock: Mutex::new(()),
@@ -240,6 +255,11 @@ impl Sandboxes {
         }
     }
 
+    fn trust_err(name: &str) -> impl FnOnce(TrustError) -> LifecycleError {
+        let name = name.to_owned();
+        move |source| LifecycleError::Trust { name, source }
+    }
+
     fn cgroup_err(name: &str) -> impl FnOnce(CgroupError) -> LifecycleError {
         let name = name.to_owned();
         move |source| LifecycleError::Cgroup { name, source }
@@ -249,10 +269,15 @@ impl Sandboxes {
         for dir in [self.workdir(name), self.tmpdir(name)] {
             fs::create_dir_all(&dir).map_err(Self::io_err(name, "creating", &dir))?;
         }
+        let (ca, trust) = self.cas.ensure(name).map_err(Self::trust_err(name))?;
+        self.trust
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), trust);
         let cgroup = self.cgroups.sandbox(name).map_err(Self::cgroup_err(name))?;
         if let Some(attach) = &self.attach {
             attach
-                .attach(cgroup.path())
+                .attach(cgroup.path(), ca)
                 .map_err(|message| LifecycleError::Attach {
                     name: name.to_owned(),
                     message,
@@ -354,6 +379,11 @@ impl Sandboxes {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Self::io_err(name, "removing", &dir)(e)),
         }
+        self.trust
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        self.cas.remove(name).map_err(Self::trust_err(name))?;
         self.store.delete_sandbox(name)?;
         Ok(())
     }
@@ -396,6 +426,11 @@ impl Sandboxes {
                     let path = entry.path();
                     fs::remove_dir_all(&path).map_err(Self::io_err(&name, "removing", &path))?;
                 }
+            }
+        }
+        for name in self.cas.names().map_err(Self::trust_err("(CA store)"))? {
+            if !ready.contains(&name) {
+                self.cas.remove(&name).map_err(Self::trust_err(&name))?;
             }
         }
         Ok(done)
@@ -495,6 +530,14 @@ impl Sandboxes {
             ("HOME".to_owned(), "/sandbox".to_owned()),
             ("OPENSHELL_SANDBOX".to_owned(), name.to_owned()),
         ];
+        let trust = self
+            .trust
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned();
+        let trust_mount = trust.as_ref().and_then(|t| t.mount.clone());
+        env.extend(trust.into_iter().flat_map(|t| t.env));
         for (k, v) in extra_env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
@@ -506,6 +549,7 @@ impl Sandboxes {
             workdir: self.workdir(name),
             tmpdir: self.tmpdir(name),
             config,
+            trust_mount,
         })
     }
 

@@ -45,13 +45,16 @@
 //!
 //! Stopping or killing the gateway does not stop sandboxes. A starting gateway reconciles
 //! ([`lifecycle`]): it re-adopts ready sandboxes and their cgroups, rolls back half-created ones
-//! and removes orphan cgroups under its cgroup base.
+//! and removes orphan cgroups under its cgroup base. Each sandbox's certificate authority is kept
+//! under `<state dir>/ca` ([`trust`]), so a restarted gateway keeps terminating the TLS of the
+//! sandboxes it re-adopts with the CA they already trust.
 
 pub mod api;
 pub mod launch;
 pub mod lifecycle;
 pub mod revisions;
 mod server;
+pub mod trust;
 pub mod wire;
 
 use std::{
@@ -96,6 +99,8 @@ pub enum GatewayError {
     Runtime(#[source] io::Error),
     #[error("starting the proxy: {0}")]
     Proxy(#[from] crate::proxy::ProxyError),
+    #[error("sandbox certificate authorities: {0}")]
+    Trust(#[from] trust::TrustError),
 }
 
 fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> GatewayError {
@@ -179,10 +184,12 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
         .map_err(GatewayError::Runtime)?;
     // The proxy and the eBPF programs are up before any sandbox is (re-)attached.
     let network = crate::proxy::network::Network::start(&runtime, config, store.clone())?;
+    let cas = trust::CaStore::open(paths.ca_dir())?;
     let sandboxes = Arc::new(Sandboxes::new(
         store,
         paths.clone(),
         cgroups,
+        cas,
         Some(network as Arc<dyn CgroupAttach>),
     ));
     let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;

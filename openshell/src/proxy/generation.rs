@@ -1,7 +1,7 @@
 //! One policy generation as the proxy enforces it: the compiled network policy, its revision,
 //! and the `allowed_ips` index the policy DNS uses to filter private answers.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -13,7 +13,7 @@ use super::ProxyError;
 #[derive(Debug)]
 pub struct Generation {
     revision: i64,
-    policy: CompiledPolicy,
+    policy: Arc<CompiledPolicy>,
     /// Endpoints that list `allowed_ips`: private answers for their hosts are usable.
     allowances: Vec<(HostPattern, Vec<IpNet>)>,
 }
@@ -24,35 +24,24 @@ impl Generation {
         let policy = policy::parse(source, text).map_err(|errors| ProxyError::InvalidPolicy {
             message: errors.to_string(),
         })?;
-        Self::new(source, &policy, revision)
+        Ok(Self::new(&policy, revision))
     }
 
-    /// Compiles a validated policy. Refuses `protocol: rest` endpoints: HTTP inspection is not
-    /// implemented yet, and passing such an endpoint through as plain TCP would allow every
-    /// request its rules were written to stop.
-    pub fn new(source: &str, policy: &Policy, revision: i64) -> Result<Self, ProxyError> {
-        let mut allowances = Vec::new();
-        for (key, block) in &policy.network {
-            for (index, endpoint) in block.endpoints.iter().enumerate() {
-                if endpoint.rest.is_some() {
-                    return Err(ProxyError::RestNotSupported {
-                        file: source.to_owned(),
-                        line: endpoint.pos.line,
-                        column: endpoint.pos.column,
-                        field: format!("network_policies.{key}.endpoints[{index}].protocol"),
-                        host: endpoint.host.as_str().to_owned(),
-                    });
-                }
-                if !endpoint.allowed_ips.is_empty() {
-                    allowances.push((endpoint.host.clone(), endpoint.allowed_ips.clone()));
-                }
-            }
-        }
-        Ok(Self {
+    /// Compiles a validated policy.
+    #[must_use]
+    pub fn new(policy: &Policy, revision: i64) -> Self {
+        let allowances = policy
+            .network
+            .values()
+            .flat_map(|block| &block.endpoints)
+            .filter(|endpoint| !endpoint.allowed_ips.is_empty())
+            .map(|endpoint| (endpoint.host.clone(), endpoint.allowed_ips.clone()))
+            .collect();
+        Self {
             revision,
-            policy: policy.compile(),
+            policy: Arc::new(policy.compile()),
             allowances,
-        })
+        }
     }
 
     /// The policy revision this generation was built from.
@@ -63,8 +52,14 @@ impl Generation {
 
     /// The compiled policy.
     #[must_use]
-    pub const fn policy(&self) -> &CompiledPolicy {
+    pub fn policy(&self) -> &CompiledPolicy {
         &self.policy
+    }
+
+    /// The compiled policy, shared (HTTP inspection keeps it for the request it decides).
+    #[must_use]
+    pub fn shared_policy(&self) -> Arc<CompiledPolicy> {
+        Arc::clone(&self.policy)
     }
 
     /// Whether the policy DNS may hand `ip` to the sandbox as an address of `name`: never for
@@ -124,7 +119,7 @@ network_policies:
     }
 
     #[test]
-    fn rest_endpoints_are_refused_until_inspection_lands() {
+    fn rest_endpoints_load_for_inspection() {
         let text = r#"version: 1
 network_policies:
   my_api:
@@ -132,12 +127,40 @@ network_policies:
       - host: api.example.com
         port: 443
         protocol: rest
-        access: full
+        access: read-only
     binaries:
       - { path: /usr/bin/curl }
 "#;
-        let err = Generation::from_text("my-policy.yaml", text, 1).unwrap_err();
-        insta::assert_snapshot!(err.to_string(), @"my-policy.yaml:5:9: error: `protocol: rest` (HTTP inspection of api.example.com) is not supported yet (at network_policies.my_api.endpoints[0].protocol); remove `protocol`, `access` and `rules` to allow the endpoint as plain TCP, or wait for HTTP inspection");
+        let g = Generation::from_text("my-policy.yaml", text, 1).unwrap();
+        let query = policy::ConnectionQuery {
+            host: "api.example.com",
+            port: 443,
+            binary: std::path::Path::new("/usr/bin/curl"),
+            ancestors: &[],
+            dest_ip: Some(ip("198.18.0.10")),
+        };
+        let decision = g.policy().decide_connection(&query);
+        assert_eq!(decision.verdict, policy::Verdict::Allow);
+        assert_eq!(
+            decision.inspection,
+            policy::Inspection::Http {
+                terminate_tls: true
+            }
+        );
+        let get = policy::HttpRequestQuery {
+            method: "GET",
+            target: "/x",
+        };
+        let delete = policy::HttpRequestQuery {
+            method: "DELETE",
+            target: "/x",
+        };
+        assert!(g.shared_policy().decide_request(&query, &get).is_allowed());
+        assert!(
+            !g.shared_policy()
+                .decide_request(&query, &delete)
+                .is_allowed()
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!    choosing.
 //! 5. Denied: reset (RST) and log. Allowed: log, dial exactly the validated original address,
 //!    relay until either side ends or a new policy generation no longer allows it.
+//!    Allowed to a `protocol: rest` endpoint: hand the connection to [`inspect::serve`], which
+//!    decides each HTTP request by the generation current at that moment and logs it here too.
 //!
 //! DNS listener (UDP): the sandbox is found from the datagram's source socket (sock_diag), and
 //! the policy DNS answers.
@@ -39,7 +41,8 @@ use super::{
 };
 use crate::{
     ebpf::{ConnectRecord, EbpfError, Interceptor, InterceptorConfig},
-    policy::{ConnectionQuery, Decision, Verdict},
+    inspect::{self, InspectContext, PolicySource, RequestLog, RequestRecord},
+    policy::{ConnectionQuery, Decision, Inspection, Verdict},
 };
 
 /// How long dialing an upstream may take.
@@ -73,6 +76,9 @@ pub struct ProxyConfig {
     pub upstream_dns: Vec<SocketAddr>,
     pub relay: RelayMode,
     pub dial_timeout: Duration,
+    /// CA certificates trusted for upstream TLS of inspected connections, besides the built-in
+    /// roots (`[tls] extra_roots`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl ProxyConfig {
@@ -97,6 +103,7 @@ impl ProxyConfig {
             upstream_dns,
             relay: RelayMode::default(),
             dial_timeout: DIAL_TIMEOUT,
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -260,6 +267,7 @@ pub struct Proxy {
     own: Vec<SocketAddr>,
     relay: RelayMode,
     dial_timeout: Duration,
+    upstream_tls: Arc<rustls::ClientConfig>,
     recent: Mutex<HashMap<IdentityKey, (Instant, Resolved)>>,
 }
 
@@ -284,14 +292,15 @@ struct Facts {
 }
 
 impl Proxy {
+    /// Fails only when `config.extra_roots` holds a certificate rustls cannot use.
     pub fn new(
         config: &ProxyConfig,
         listeners: &ProxyListeners,
         registry: Arc<Registry>,
         records: Arc<dyn ConnectRecords>,
         log: Arc<dyn DecisionLog>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ProxyError> {
+        Ok(Self {
             registry,
             records,
             identities: Identities::new(),
@@ -300,8 +309,9 @@ impl Proxy {
             own: listeners.addresses(),
             relay: config.relay,
             dial_timeout: config.dial_timeout,
+            upstream_tls: crate::tls::upstream_client_config(&config.extra_roots)?,
             recent: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn recent_identity(&self, key: &IdentityKey) -> Option<Resolved> {
@@ -477,6 +487,10 @@ impl Proxy {
             relay::reset(&stream);
             return;
         }
+        if let Inspection::Http { terminate_tls } = decision.inspection {
+            self.inspect(stream, facts, host, terminate_tls).await;
+            return;
+        }
         let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
         {
             Ok(Ok(s)) => s,
@@ -525,6 +539,43 @@ impl Proxy {
                 ),
             ));
         }
+    }
+
+    /// Serves an allowed connection to a `protocol: rest` endpoint with HTTP inspection.
+    async fn inspect(&self, stream: TcpStream, facts: Facts, host: String, terminate_tls: bool) {
+        let Facts {
+            sandbox,
+            pid,
+            binary,
+            ancestors,
+            ancestor_paths,
+            dst,
+            ..
+        } = facts;
+        let ctx = InspectContext {
+            sandbox: Arc::from(sandbox.name()),
+            host: Arc::from(host),
+            port: dst.port(),
+            upstream: vec![dst],
+            binary: binary.map(|b| b.path.to_path_buf()).unwrap_or_default(),
+            ancestors: ancestor_paths,
+            pid,
+            terminate_tls,
+            ca: sandbox.ca(),
+            upstream_tls: Arc::clone(&self.upstream_tls),
+            policy: Arc::new(CurrentGeneration(Arc::clone(&sandbox))),
+            log: Arc::new(RequestDecisions {
+                log: Arc::clone(&self.log),
+                ancestors: ancestors
+                    .iter()
+                    .map(|a| a.path.display().to_string())
+                    .collect(),
+                ip: dst.ip(),
+            }),
+        };
+        // A failed handshake or broken framing ends this connection only; the requests that
+        // were decided are in the log already.
+        let _ = inspect::serve(stream, ctx).await;
     }
 
     /// Judges the connection under `generation`: by each name the sandbox resolved to the
@@ -694,6 +745,82 @@ fn log_dns(log: &dyn DecisionLog, sandbox: &SandboxNet, outcome: &DnsOutcome) {
     }
 }
 
+/// The generation in force for a sandbox, read again for every inspected request.
+struct CurrentGeneration(Arc<SandboxNet>);
+
+impl PolicySource for CurrentGeneration {
+    fn current(&self) -> inspect::Generation {
+        let generation = self.0.generation();
+        inspect::Generation {
+            policy: generation.shared_policy(),
+            revision: generation.revision(),
+        }
+    }
+}
+
+/// Writes inspected request decisions to the proxy's decision log, beside the connection
+/// decisions.
+struct RequestDecisions {
+    log: Arc<dyn DecisionLog>,
+    ancestors: Vec<String>,
+    ip: IpAddr,
+}
+
+impl RequestLog for RequestDecisions {
+    fn record(&self, record: RequestRecord) {
+        self.log
+            .record(request_decision(record, &self.ancestors, self.ip));
+    }
+}
+
+/// The decision-log entry of one inspected request. Its reason always names the method and the
+/// target the client sent (its path alone when the target names the connection's own
+/// destination, as every HTTP/2 request does).
+fn request_decision(record: RequestRecord, ancestors: &[String], ip: IpAddr) -> DecisionRecord {
+    let request = format!(
+        "{} {}",
+        record.method,
+        own_path(&record.target, &record.host, record.port)
+    );
+    let reason = if record.reason.starts_with(&format!("{request} ")) {
+        record.reason
+    } else {
+        format!("{request}: {}", record.reason)
+    };
+    DecisionRecord {
+        time_ms: now_ms(),
+        sandbox: record.sandbox.to_string(),
+        decision: match record.decision {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+        .to_owned(),
+        binary: Some(record.binary.display().to_string()),
+        pid: Some(i64::from(record.pid)),
+        ancestors: ancestors.to_vec(),
+        host: Some(record.host.to_string()),
+        ip: Some(ip.to_string()),
+        port: Some(record.port),
+        block: record.block.map(|b| b.to_string()),
+        reason,
+        revision: Some(record.revision),
+    }
+}
+
+/// `target` without its scheme and authority when they name `host:port` (default port allowed).
+fn own_path<'a>(target: &'a str, host: &str, port: u16) -> &'a str {
+    let Ok(uri) = target.parse::<http::Uri>() else {
+        return target;
+    };
+    let ours = uri.authority().is_some_and(|a| {
+        a.host().eq_ignore_ascii_case(host) && a.port_u16().is_none_or(|p| p == port)
+    });
+    match (ours, uri.path_and_query()) {
+        (true, Some(pq)) => &target[target.len() - pq.as_str().len()..],
+        _ => target,
+    }
+}
+
 trait WithBlock {
     fn with_block(self, block: Option<&str>) -> Self;
 }
@@ -702,5 +829,89 @@ impl WithBlock for DecisionRecord {
     fn with_block(mut self, block: Option<&str>) -> Self {
         self.block = block.map(str::to_owned);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(method: &str, target: &str, decision: Verdict, reason: &str) -> RequestRecord {
+        RequestRecord {
+            sandbox: Arc::from("box"),
+            binary: PathBuf::from("/usr/bin/curl"),
+            pid: 42,
+            host: Arc::from("api.github.com"),
+            port: 443,
+            method: method.to_owned(),
+            target: target.to_owned(),
+            decision,
+            audit: false,
+            block: Some(Arc::from("github_repos")),
+            reason: reason.to_owned(),
+            revision: 3,
+        }
+    }
+
+    #[test]
+    fn request_decisions_name_method_and_target_once() {
+        let ip: IpAddr = [198, 18, 0, 10].into();
+        let ancestors = vec!["/usr/bin/bash".to_owned()];
+        let allowed = request_decision(
+            record(
+                "GET",
+                "/repos/o/alpha-repo",
+                Verdict::Allow,
+                "allowed by block github_repos",
+            ),
+            &ancestors,
+            ip,
+        );
+        let denied = request_decision(
+            record(
+                "DELETE",
+                "/repos/o/bravo-repo",
+                Verdict::Deny,
+                "DELETE /repos/o/bravo-repo not permitted by block github_repos",
+            ),
+            &ancestors,
+            ip,
+        );
+        let shown = |r: &DecisionRecord| {
+            format!(
+                "{} {:?} {:?} {:?} {:?} {:?} {:?} rev {:?}: {}",
+                r.decision,
+                r.binary,
+                r.pid,
+                r.ancestors,
+                r.host,
+                r.ip,
+                r.port,
+                r.revision,
+                r.reason
+            )
+        };
+        insta::assert_snapshot!(format!("{}\n{}", shown(&allowed), shown(&denied)), @r#"
+        allow Some("/usr/bin/curl") Some(42) ["/usr/bin/bash"] Some("api.github.com") Some("198.18.0.10") Some(443) rev Some(3): GET /repos/o/alpha-repo: allowed by block github_repos
+        deny Some("/usr/bin/curl") Some(42) ["/usr/bin/bash"] Some("api.github.com") Some("198.18.0.10") Some(443) rev Some(3): DELETE /repos/o/bravo-repo not permitted by block github_repos
+        "#);
+        assert_eq!(denied.block.as_deref(), Some("github_repos"));
+        let h2 = request_decision(
+            record(
+                "GET",
+                "https://api.github.com/x?y=1",
+                Verdict::Allow,
+                "allowed",
+            ),
+            &ancestors,
+            ip,
+        );
+        assert_eq!(h2.reason, "GET /x?y=1: allowed");
+        let elsewhere = request_decision(
+            record("GET", "http://evil.example/x", Verdict::Deny, "refused"),
+            &ancestors,
+            ip,
+        );
+        assert_eq!(elsewhere.reason, "GET http://evil.example/x: refused");
     }
 }

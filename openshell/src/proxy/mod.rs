@@ -12,9 +12,13 @@
 //! - [`sockdiag`]: which cgroup sent a UDP datagram.
 //! - [`network`]: the proxy as the gateway runs it (listeners, interceptor, sandbox attach).
 //!
+//! An allowed connection to a `protocol: rest` endpoint is handed to [`crate::inspect::serve`]
+//! (TLS terminated with the sandbox's CA), which decides every request on it by the generation
+//! current when the request arrives and logs each decision beside the connection decisions.
+//!
 //! Relies on the eBPF interceptor ([`crate::ebpf`]) for redirection and connect records, and on
 //! root (reading `/proc/<pid>/exe` of sandboxed processes, `NETLINK_SOCK_DIAG`).
-//! Limits: L4 only (`protocol: rest` policies are refused at load); IPv4 and IPv6.
+//! Limits: IPv4 and IPv6 TCP; HTTP inspection as [`crate::inspect`] describes it.
 
 pub mod dns;
 pub mod generation;
@@ -36,22 +40,12 @@ pub use registry::{Registry, SandboxNet};
 pub enum ProxyError {
     #[error("{message}")]
     InvalidPolicy { message: String },
-    #[error(
-        "{file}:{line}:{column}: error: `protocol: rest` (HTTP inspection of {host}) is not \
-         supported yet (at {field}); remove `protocol`, `access` and `rules` to allow the \
-         endpoint as plain TCP, or wait for HTTP inspection"
-    )]
-    RestNotSupported {
-        file: String,
-        line: u64,
-        column: u64,
-        field: String,
-        host: String,
-    },
     #[error("proxy configuration: {message}")]
     Config { message: String },
     #[error("loading the eBPF interceptor: {0}")]
     Ebpf(#[source] Box<crate::ebpf::EbpfError>),
+    #[error("upstream TLS configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("binding the proxy's {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,

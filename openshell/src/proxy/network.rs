@@ -10,6 +10,8 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+
 use super::{
     Generation, Proxy, ProxyConfig, ProxyError, ProxyListeners, Registry, SandboxNet,
     listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
@@ -19,6 +21,7 @@ use crate::{
     ebpf::Interceptor,
     gateway::CgroupAttach,
     store::{RevisionStatus, Store},
+    tls::SandboxCa,
 };
 
 /// Where pins live: one directory per cgroup base, so that gateways with different bases (tests)
@@ -57,6 +60,27 @@ fn v6_beside(addr: SocketAddrV4) -> Option<SocketAddrV6> {
         .then(|| SocketAddrV6::new(Ipv6Addr::LOCALHOST, addr.port(), 0, 0))
 }
 
+/// The certificates of every `[tls] extra_roots` PEM file.
+fn extra_roots(files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, ProxyError> {
+    let mut roots = Vec::new();
+    for file in files {
+        let problem = |what: String| ProxyError::Config {
+            message: format!(
+                "[tls] extra_roots: {}: {what}; name a readable PEM file of CA certificates",
+                file.display()
+            ),
+        };
+        let before = roots.len();
+        for cert in CertificateDer::pem_file_iter(file).map_err(|e| problem(e.to_string()))? {
+            roots.push(cert.map_err(|e| problem(e.to_string()))?);
+        }
+        if roots.len() == before {
+            return Err(problem("no CERTIFICATE block".to_owned()));
+        }
+    }
+    Ok(roots)
+}
+
 impl Network {
     /// Starts the proxy on `runtime` with the listeners of `config`.
     pub fn start(
@@ -77,6 +101,7 @@ impl Network {
             upstream_dns: config.dns_upstreams(),
             relay: RelayMode::default(),
             dial_timeout: DIAL_TIMEOUT,
+            extra_roots: extra_roots(&config.tls.extra_roots)?,
         };
         let listeners = ProxyListeners::bind(&proxy_config)?;
         let bpffs_dir = PathBuf::from(BPFFS_ROOT).join(&config.gateway.cgroup_base);
@@ -94,7 +119,7 @@ impl Network {
             Arc::clone(&registry),
             Arc::clone(&interceptor) as _,
             Arc::new(log),
-        ));
+        )?);
         runtime.spawn(async move {
             if let Err(e) = proxy.serve(listeners, std::future::pending()).await {
                 eprintln!("gateway: proxy stopped: {e}");
@@ -155,13 +180,14 @@ impl Network {
 }
 
 impl CgroupAttach for Network {
-    fn attach(&self, cgroup_dir: &Path) -> Result<(), String> {
+    fn attach(&self, cgroup_dir: &Path, ca: Arc<SandboxCa>) -> Result<(), String> {
         let name = cgroup_dir
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| format!("{} names no sandbox", cgroup_dir.display()))?;
         let generation = self.generation(name)?;
-        let sandbox = SandboxNet::new(name, cgroup_dir, generation).map_err(|e| e.to_string())?;
+        let sandbox =
+            SandboxNet::new(name, cgroup_dir, generation, ca).map_err(|e| e.to_string())?;
         // Register before attaching: the first redirected connect must find its sandbox.
         self.registry.insert(Arc::new(sandbox));
         let attachment = self
@@ -204,5 +230,32 @@ impl CgroupAttach for Network {
         if let Err(e) = detached {
             eprintln!("gateway: detaching {}: {e}", cgroup_dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_extra_roots_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let shown = |file: &Path| {
+            extra_roots(&[file.to_path_buf()])
+                .unwrap_err()
+                .to_string()
+                .replace(&dir.path().display().to_string(), "DIR")
+        };
+        insta::assert_snapshot!(format!("{}\n{}", shown(&missing), shown(&empty)), @"
+        proxy configuration: [tls] extra_roots: DIR/missing.pem: I/O error: No such file or directory (os error 2); name a readable PEM file of CA certificates
+        proxy configuration: [tls] extra_roots: DIR/empty.pem: no CERTIFICATE block; name a readable PEM file of CA certificates
+        ");
+        let ca = crate::tls::SandboxCa::generate("t").unwrap();
+        let good = dir.path().join("good.pem");
+        std::fs::write(&good, ca.cert_pem()).unwrap();
+        assert_eq!(extra_roots(&[good]).unwrap(), vec![ca.cert_der().clone()]);
     }
 }

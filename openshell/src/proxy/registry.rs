@@ -12,6 +12,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::{Generation, dns::DnsScope, names::NameCache};
+use crate::tls::SandboxCa;
 
 /// One sandbox as the proxy sees it.
 #[derive(Debug)]
@@ -22,11 +23,18 @@ pub struct SandboxNet {
     cgroup_path: String,
     generation: watch::Sender<Arc<Generation>>,
     names: NameCache,
+    /// Terminates the sandbox's TLS connections to `protocol: rest` endpoints.
+    ca: Arc<SandboxCa>,
 }
 
 impl SandboxNet {
-    /// A sandbox whose processes live in the cgroup v2 directory `cgroup_dir`.
-    pub fn new(name: &str, cgroup_dir: &Path, generation: Generation) -> std::io::Result<Self> {
+    /// A sandbox whose processes live in the cgroup v2 directory `cgroup_dir` and trust `ca`.
+    pub fn new(
+        name: &str,
+        cgroup_dir: &Path,
+        generation: Generation,
+        ca: Arc<SandboxCa>,
+    ) -> std::io::Result<Self> {
         let cgroup_id = std::fs::metadata(cgroup_dir)?.ino();
         let mount = crate::cgroup::cgroup2_mount().map_err(std::io::Error::other)?;
         let relative = cgroup_dir.strip_prefix(&mount).map_err(|_| {
@@ -42,6 +50,7 @@ impl SandboxNet {
             cgroup_path: format!("/{}", relative.display()),
             generation: watch::Sender::new(Arc::new(generation)),
             names: NameCache::default(),
+            ca,
         })
     }
 
@@ -76,6 +85,12 @@ impl SandboxNet {
     /// ones it no longer allows are closed.
     pub fn set_generation(&self, generation: Generation) {
         self.generation.send_replace(Arc::new(generation));
+    }
+
+    /// The sandbox's certificate authority.
+    #[must_use]
+    pub fn ca(&self) -> Arc<SandboxCa> {
+        Arc::clone(&self.ca)
     }
 
     #[must_use]

@@ -48,4 +48,4 @@ pub use report::{
     LandlockStatus, MountReport, RuleOrigin, SeccompReport, SkippedPath,
 };
 pub use spawn::{Launched, SETUP_TIMEOUT, SandboxStdio, spawn};
-pub use spec::{Compatibility, FsRules, LaunchSpec, SANDBOX_DIR, TMP_DIR};
+pub use spec::{Compatibility, FsRules, LaunchSpec, ReadOnlyBind, SANDBOX_DIR, TMP_DIR};

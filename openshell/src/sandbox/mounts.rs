@@ -10,7 +10,10 @@
 //! first time (it stays empty on the host: only sandboxes see something mounted there). A
 //! `/sandbox` that exists as anything but a real directory is refused rather than replaced.
 //!
-//! Both sources are opened before the first mount and mounted through `/proc/self/fd`, so a
+//! When the spec asks for it, one host file is also bind-mounted read-only over an existing file
+//! (the gateway shows the sandbox's CA bundle at the distro's default CA path this way).
+//!
+//! All sources are opened before the first mount and mounted through `/proc/self/fd`, so a
 //! source below `/tmp` (test directories often are) is not hidden by the `/tmp` mount.
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
@@ -47,6 +50,11 @@ pub(crate) fn setup(spec: &LaunchSpec, identity: &Identity) -> Result<MountRepor
     // mount (which could hide the other source).
     let workdir = open_dir(&spec.workdir)?;
     let tmpdir = open_dir(&spec.tmpdir)?;
+    let extra = spec
+        .read_only_bind
+        .as_ref()
+        .map(|b| open_file(&b.source).map(|fd| (fd, b.target.as_path())))
+        .transpose()?;
     // The sandbox user owns its working directory; /tmp behaves like a host /tmp.
     let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
     nix::unistd::fchown(&workdir, Some(uid), Some(gid)).map_err(|e| {
@@ -60,6 +68,9 @@ pub(crate) fn setup(spec: &LaunchSpec, identity: &Identity) -> Result<MountRepor
     })?;
     bind(&workdir, Path::new(SANDBOX_DIR))?;
     bind(&tmpdir, Path::new(TMP_DIR))?;
+    if let Some((source, target)) = &extra {
+        bind_read_only(source, target)?;
+    }
     Ok(MountReport {
         private: true,
         sandbox: spec.workdir.clone(),
@@ -97,7 +108,34 @@ fn open_dir(path: &Path) -> Result<OwnedFd, SetupError> {
     .map_err(|e| SetupError::sys(STEP, "opening the directory to mount", e).at(path))
 }
 
+fn open_file(path: &Path) -> Result<OwnedFd, SetupError> {
+    nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| SetupError::sys(STEP, "opening the file to mount", e).at(path))
+}
+
+/// A read-only file bind mount; `target` must exist in the sandbox.
+fn bind_read_only(source: &OwnedFd, target: &Path) -> Result<(), SetupError> {
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => {
+            return Err(SetupError::new(
+                STEP,
+                "is not a regular file; cannot mount a file over it",
+            )
+            .at(target));
+        }
+        Err(err) => {
+            return Err(SetupError::io(STEP, "inspecting the mount target", &err).at(target));
+        }
+    }
+    bind_with(source, target, MsFlags::MS_RDONLY)
+}
+
 fn bind(source: &OwnedFd, target: &Path) -> Result<(), SetupError> {
+    bind_with(source, target, MsFlags::empty())
+}
+
+fn bind_with(source: &OwnedFd, target: &Path, extra: MsFlags) -> Result<(), SetupError> {
     let source = format!("/proc/self/fd/{}", source.as_raw_fd());
     nix::mount::mount(
         Some(source.as_str()),
@@ -107,7 +145,8 @@ fn bind(source: &OwnedFd, target: &Path) -> Result<(), SetupError> {
         None::<&str>,
     )
     .map_err(|e| SetupError::sys(STEP, "bind mount", e).at(target))?;
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | extra;
     nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
         .map_err(|e| SetupError::sys(STEP, "remounting nosuid,nodev", e).at(target))
 }

@@ -45,6 +45,19 @@ pub struct LaunchSpec {
     pub run_as_group: String,
     /// The openshell binary, re-executed as `openshell __sandbox-init` to apply the restrictions.
     pub init_program: PathBuf,
+    /// A host file shown read-only over an existing file inside the sandbox (the gateway puts
+    /// the sandbox's CA bundle over the distro's default CA path).
+    #[serde(default)]
+    pub read_only_bind: Option<ReadOnlyBind>,
+}
+
+/// A host file bind-mounted read-only (`nosuid,nodev`) over an existing file in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOnlyBind {
+    /// The host file.
+    pub source: PathBuf,
+    /// The file it covers, seen from inside the sandbox.
+    pub target: PathBuf,
 }
 
 /// `filesystem_policy` as the launcher applies it (paths inside the sandbox).
@@ -118,6 +131,7 @@ impl LaunchSpec {
             run_as_user: super::identity::DEFAULT_ACCOUNT.to_owned(),
             run_as_group: super::identity::DEFAULT_ACCOUNT.to_owned(),
             init_program,
+            read_only_bind: None,
         }
     }
 
@@ -164,6 +178,10 @@ impl LaunchSpec {
             check_path("cgroup_dir", cgroup)?;
         }
         check_path("init_program", &self.init_program)?;
+        if let Some(bind) = &self.read_only_bind {
+            check_path("read_only_bind.source", &bind.source)?;
+            check_path("read_only_bind.target", &bind.target)?;
+        }
         let fs = &self.filesystem;
         let total = fs.read_only.len() + fs.read_write.len();
         if total > MAX_PATHS {

@@ -230,6 +230,7 @@ impl Sandbox {
                 name,
                 cgroup.path(),
                 Generation::from_text("policy.yaml", policy, 1)?,
+                Arc::new(openshell::tls::SandboxCa::generate(name)?),
             )?),
             own: Vec::new(),
             stop: None,
@@ -256,7 +257,7 @@ impl Sandbox {
             registry,
             interceptor,
             Arc::clone(&sandbox.log) as _,
-        ));
+        )?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         sandbox.stop = Some(tx);
         let runtime = tokio::runtime::Builder::new_multi_thread()
