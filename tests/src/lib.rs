@@ -80,3 +80,26 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// Ends the calling test early (it passes, with a note on stderr) when not running as root.
+/// For tests returning `Result`.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root (cgroups, sandbox processes)");
+            return Ok(());
+        }
+    };
+}
+
+/// The `name` of every sandbox in a `sandbox list -o json` answer.
+pub fn sandbox_names(list: &serde_json::Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -6,27 +6,8 @@ use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 use anyhow::{Context as _, Result};
 use openshell_tests::{
     gateway::{TestGateway, process_alive, process_exited},
-    is_root,
+    require_root, sandbox_names as names,
 };
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (cgroups, sandbox processes)");
-            return Ok(());
-        }
-    };
-}
-
-fn names(list: &serde_json::Value) -> Vec<String> {
-    list.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn start_status_stop() -> Result<()> {

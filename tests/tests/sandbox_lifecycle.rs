@@ -5,27 +5,8 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use openshell_tests::{
     gateway::{CALL_TIMEOUT, TestGateway, process_exited, run_with_timeout},
-    is_root,
+    require_root, sandbox_names as names,
 };
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (cgroups, sandbox processes)");
-            return Ok(());
-        }
-    };
-}
-
-fn names(list: &serde_json::Value) -> Vec<String> {
-    list.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn create_exec_list_get_delete_round_trip() -> Result<()> {
