@@ -220,18 +220,17 @@ impl Sandbox {
         upstream_dns: SocketAddr,
         relay: RelayMode,
     ) -> anyhow::Result<Self> {
+        // Everything that can fail without side effects comes before the cgroup exists, so a
+        // rejected policy leaves no cgroup behind (Drop only runs once `Self` is built).
+        let generation = Generation::from_text("policy.yaml", policy, 1)?;
+        let ca = Arc::new(openshell::tls::SandboxCa::generate(name)?);
         let unique = format!("{name}-{}", std::process::id());
         let base = CgroupBase::open(CGROUP_BASE)?;
         let cgroup = base.sandbox(&unique)?;
         let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(format!("openshell-test-proxy-{unique}"));
         let mut sandbox = Self {
             log: Arc::new(MemoryLog::default()),
-            sandbox: Arc::new(SandboxNet::new(
-                name,
-                cgroup.path(),
-                Generation::from_text("policy.yaml", policy, 1)?,
-                Arc::new(openshell::tls::SandboxCa::generate(name)?),
-            )?),
+            sandbox: Arc::new(SandboxNet::new(name, cgroup.path(), generation, ca)?),
             own: Vec::new(),
             stop: None,
             thread: None,
