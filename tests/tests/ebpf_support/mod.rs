@@ -192,12 +192,22 @@ pub struct Probe {
 impl Probe {
     /// Spawns `cmd` (an `ebpf-probe` invocation) and waits for its first line.
     pub fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning ebpf-probe")?;
+            .stderr(Stdio::inherit());
+        // A test that has just copied the probe can race another test thread's fork: the
+        // forked child briefly holds the copy's write descriptor, and exec fails with ETXTBSY
+        // until that child has exec'd. Retry that error only, a bounded number of times.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.context("spawning ebpf-probe")?,
+            }
+        };
         let stdout = child.stdout.take().context("probe stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
