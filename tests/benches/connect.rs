@@ -183,26 +183,9 @@ fn bench() -> anyhow::Result<()> {
 
 /// As [`run_client`], with the child joining `cgroup` before it execs.
 fn run_in_cgroup(addr: &str, cgroup: &std::path::Path) -> anyhow::Result<String> {
-    use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = openshell_tests::in_cgroup(Command::new(std::env::current_exe()?), cgroup);
     cmd.args(["--client", addr, &(CONNECTS / ROUNDS).to_string()])
         .stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (open, write, close) on data prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     collect(cmd)
 }
 

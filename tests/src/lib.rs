@@ -103,3 +103,31 @@ pub fn sandbox_names(list: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Makes `cmd` move its process into `cgroup` (a cgroup v2 directory) between fork and exec, so
+/// the program runs in it from its first instruction.
+pub fn in_cgroup(
+    mut cmd: std::process::Command,
+    cgroup: &std::path::Path,
+) -> std::process::Command {
+    use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup path has no NUL");
+    // SAFETY: the closure only calls async-signal-safe functions (open, write, close) on data
+    // prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}

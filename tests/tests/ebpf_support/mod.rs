@@ -4,10 +4,8 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    ffi::CString,
     io::{BufRead as _, BufReader},
     net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket},
-    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -19,6 +17,7 @@ use openshell::{
     cgroup::{CgroupBase, SandboxCgroup},
     ebpf::{Attachment, Interceptor, InterceptorConfig},
 };
+pub use openshell_tests::in_cgroup;
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_ebpf-probe");
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,29 +157,6 @@ impl Drop for Fixture {
             );
         }
     }
-}
-
-/// Makes `cmd` move its process into `cgroup` between fork and exec.
-pub fn in_cgroup(mut cmd: Command, cgroup: &Path) -> Command {
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
-        .expect("cgroup path has no NUL");
-    // SAFETY: the closure only calls async-signal-safe functions (open, write, close) on data
-    // prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 /// A running probe: its first output line, and the child (killed on drop).

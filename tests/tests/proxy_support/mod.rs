@@ -6,9 +6,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    ffi::CString,
     net::{IpAddr, SocketAddr},
-    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex},
@@ -25,6 +23,7 @@ use openshell::{
         relay::RelayMode,
     },
 };
+pub use openshell_tests::in_cgroup;
 use openshell_tests::{dns::TestDns, netns::TestNet};
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -348,29 +347,6 @@ impl Drop for Sandbox {
             eprintln!("cleanup: removing {}: {e:#}", self.bpffs_dir.display());
         }
     }
-}
-
-/// Makes `cmd` move its process into `cgroup` between fork and exec.
-pub fn in_cgroup(mut cmd: Command, cgroup: &Path) -> Command {
-    let procs =
-        CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap_or_default();
-    // SAFETY: the closure only calls async-signal-safe functions (open, write, close) on data
-    // prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 /// The real path of the system python3 (`/usr/bin/python3.X`).
