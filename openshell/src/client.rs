@@ -274,6 +274,24 @@ impl Client {
         )
     }
 
+    /// Revision `version` of sandbox `name`; if it is `pending`, the gateway answers once it
+    /// is loaded or failed, or after `wait`.
+    pub fn policy_revision(
+        &self,
+        name: &str,
+        version: i64,
+        wait: std::time::Duration,
+    ) -> Result<crate::store::PolicyRevision, ClientError> {
+        self.call(
+            Method::GET,
+            &format!(
+                "/v1/sandboxes/{name}/policy/{version}?wait_ms={}",
+                wait.as_millis()
+            ),
+            None::<&()>,
+        )
+    }
+
     /// Submits a new policy for sandbox `name`; the answer comes once it is recorded.
     pub fn set_policy(
         &self,

@@ -33,8 +33,8 @@ use crate::{
 /// Exit code of `policy set --wait` when the revision did not load in time or the gateway is
 /// unreachable.
 pub const EXIT_TIMEOUT: u8 = 124;
-/// How often `policy set --wait` asks for the revision's status.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest single wait of `policy set --wait` for the gateway to settle the revision.
+const MAX_POLL: Duration = Duration::from_secs(10);
 /// Keys of the metadata header of `policy get --full`.
 const HEADER_KEYS: [&str; 3] = ["Version", "Hash", "Status"];
 
@@ -274,8 +274,12 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     loop {
-        let current = match client.policy_revisions(&args.name) {
-            Ok(revs) => revs.into_iter().find(|r| r.version == rev.version),
+        // The gateway answers as soon as the revision settles (or after the wait).
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(MAX_POLL);
+        let current = match client.policy_revision(&args.name, rev.version, wait) {
+            Ok(r) => Some(r),
             Err(e) if unreachable(&e) => {
                 eprintln!("error: {e}");
                 return Ok(ExitCode::from(EXIT_TIMEOUT));
@@ -308,7 +312,6 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
-        std::thread::sleep(POLL_INTERVAL);
     }
 }
 

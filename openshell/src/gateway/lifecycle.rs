@@ -31,11 +31,15 @@ use super::{
     trust::{CaStore, TrustError, TrustSetup},
 };
 
-/// Environment variable naming a crash point for the crash-consistency tests
-/// (`create-after-record`, `create-after-cgroup`, `create-before-ready`,
-/// `policy-after-record`): the gateway sends
-/// itself SIGKILL when `create` reaches it.
+/// Environment variable naming a failpoint for the crash-consistency and reload tests. Crash
+/// points (`create-after-record`, `create-after-cgroup`, `create-before-ready`,
+/// `policy-after-record`): the gateway sends itself SIGKILL when it reaches the point. Pause
+/// points (`start-before-reconcile`, `policy-before-load`): it waits [`FAILPOINT_PAUSE`] there.
+/// `policy-load-fails`: loading a new policy revision fails.
 pub const FAILPOINT_ENV: &str = "OPENSHELL_FAILPOINT";
+
+/// How long a pause point holds the gateway.
+pub const FAILPOINT_PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How many generated names are tried before giving up.
 const NAME_ATTEMPTS: usize = 8;
@@ -48,13 +52,12 @@ pub trait CgroupAttach: Send + Sync {
     /// Undoes `attach` before the cgroup is removed (best effort; failures are reported by the
     /// implementation).
     fn detach(&self, _cgroup_dir: &Path) {}
-    /// Compiles policy `text` (named `source` in errors) as revision `revision` of sandbox
-    /// `name` and puts it in force atomically; on error the previous policy stays in force.
+    /// Compiles the validated `policy` as revision `revision` of sandbox `name` and puts it in
+    /// force atomically; on error the previous policy stays in force.
     fn load_policy(
         &self,
         _name: &str,
-        _source: &str,
-        _text: &str,
+        _policy: &crate::policy::Policy,
         _revision: i64,
     ) -> Result<(), String> {
         Ok(())
@@ -138,6 +141,8 @@ pub struct Sandboxes {
     lock: Mutex<()>,
     /// Serialises policy updates, so revisions are loaded in version order.
     pub(super) policy_lock: Mutex<()>,
+    /// Bumped whenever a policy revision leaves `pending` (for `policy set --wait`).
+    settled: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_ms() -> i64 {
@@ -202,7 +207,17 @@ impl Sandboxes {
             failpoint: std::env::var(FAILPOINT_ENV).ok(),
             lock: Mutex::new(()),
             policy_lock: Mutex::new(()),
+            settled: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Notified whenever a policy revision leaves `pending` (its count so far).
+    pub fn revisions_settled(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.settled.subscribe()
+    }
+
+    pub(super) fn revision_settled(&self) {
+        self.settled.send_modify(|n| *n += 1);
     }
 
     pub(super) fn store(&self) -> &Arc<dyn Store> {
@@ -227,6 +242,19 @@ impl Sandboxes {
             // The test that set this wants a real SIGKILL at exactly this point.
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
+    }
+
+    /// Waits [`FAILPOINT_PAUSE`] when the failpoint names `point`.
+    pub fn pause(&self, point: &str) {
+        if self.failing(point) {
+            eprintln!("gateway: failpoint {point}: pausing {FAILPOINT_PAUSE:?}");
+            std::thread::sleep(FAILPOINT_PAUSE);
+        }
+    }
+
+    /// Whether the failpoint names `point`.
+    pub(super) fn failing(&self, point: &str) -> bool {
+        self.failpoint.as_deref() == Some(point)
     }
 
     fn dir(&self, name: &str) -> PathBuf {

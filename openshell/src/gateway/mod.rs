@@ -17,6 +17,7 @@
 //! | `GET /v1/sandboxes/{name}` | → [`api::SandboxInfo`] |
 //! | `DELETE /v1/sandboxes/{name}` | → `{}` |
 //! | `GET /v1/sandboxes/{name}/policy` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
+//! | `GET /v1/sandboxes/{name}/policy/{version}[?wait_ms=N]` | → [`crate::store::PolicyRevision`]; with `wait_ms`, once it is no longer `pending` or N ms passed |
 //! | `POST /v1/sandboxes/{name}/policy` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
 //! | `POST /v1/sandboxes/{name}/exec` | [`api::ExecRequest`] with `Upgrade: openshell-exec/1` → 101 |
 //!
@@ -182,17 +183,21 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
         .enable_all()
         .build()
         .map_err(GatewayError::Runtime)?;
-    // The proxy and the eBPF programs are up before any sandbox is (re-)attached.
-    let network = crate::proxy::network::Network::start(&runtime, config, store.clone())?;
+    // The listeners and the eBPF programs are up before any sandbox is (re-)attached, and the
+    // proxy accepts only once every re-adopted sandbox has its policy in force: a connection
+    // that arrives in between waits in the listen backlog instead of finding no sandbox.
+    let network = crate::proxy::network::Network::start(config, store.clone())?;
     let cas = trust::CaStore::open(paths.ca_dir())?;
     let sandboxes = Arc::new(Sandboxes::new(
         store,
         paths.clone(),
         cgroups,
         cas,
-        Some(network as Arc<dyn CgroupAttach>),
+        Some(Arc::clone(&network) as Arc<dyn CgroupAttach>),
     ));
+    sandboxes.pause("start-before-reconcile");
     let done = sandboxes.reconcile().map_err(GatewayError::Reconcile)?;
+    network.serve(&runtime);
     eprintln!(
         "gateway: pid {}, state {}, cgroups {}; re-adopted {:?}, rolled back {:?}, removed orphan cgroups {:?}",
         std::process::id(),

@@ -140,6 +140,21 @@ impl Sandboxes {
         })
     }
 
+    /// Revision `version` of sandbox `name`.
+    pub fn policy_revision(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<PolicyRevision, RevisionError> {
+        self.ready_source(name)?;
+        self.store()
+            .revision(Some(name), Some(version))?
+            .ok_or_else(|| RevisionError::NoSuchRevision {
+                name: name.to_owned(),
+                version,
+            })
+    }
+
     /// Marks revisions that a previous gateway recorded but never loaded (it stopped in
     /// between) as failed; the revision loaded before them stays in force. Revision 1 is left
     /// alone: it is loaded when the sandbox is attached.
@@ -177,36 +192,34 @@ impl Sandboxes {
         let creation_source = self.ready_source(name)?;
         let new = policy::parse(&req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
-        let revisions = self.store().revisions(Some(name))?;
-        let first = revisions.last().ok_or(RevisionError::NoSuchRevision {
-            name: name.to_owned(),
-            version: 1,
-        })?;
-        let creation = Self::parse_stored(name, &creation_source, first)?;
+        // Only the two revisions needed, not every stored one: the cost of a reload must not
+        // grow with the sandbox's history.
+        let first =
+            self.store()
+                .revision(Some(name), Some(1))?
+                .ok_or(RevisionError::NoSuchRevision {
+                    name: name.to_owned(),
+                    version: 1,
+                })?;
+        let creation = Self::parse_stored(name, &creation_source, &first)?;
         if let Some(section) = changed_static_section(&new, &creation) {
             return Err(RevisionError::StaticChanged {
                 name: name.to_owned(),
                 section,
             });
         }
-        let (canonical, sha256) =
-            canonical_sha256(&with_creation_statics(new, &creation), &req.policy_source)?;
-        if let Some(current) = revisions
-            .iter()
-            .find(|r| r.status == RevisionStatus::Loaded)
+        let new = with_creation_statics(new, &creation);
+        let (_, sha256) = canonical_sha256(&new, &req.policy_source)?;
+        // Every revision's hash is that of its canonical form with the creation statics, so
+        // comparing hashes compares policies without parsing the one in force again.
+        if let Some(current) = self.store().revision(Some(name), None)?
+            && current.sha256 == sha256
         {
-            let in_force = Self::parse_stored(name, &creation_source, current)?;
-            let (current_canonical, _) = canonical_sha256(
-                &with_creation_statics(in_force, &creation),
-                &creation_source,
-            )?;
-            if current_canonical == canonical {
-                recorded(SetPolicyResult {
-                    unchanged: true,
-                    revision: current.clone(),
-                });
-                return Ok(());
-            }
+            recorded(SetPolicyResult {
+                unchanged: true,
+                revision: current,
+            });
+            return Ok(());
         }
         let rev = self
             .store()
@@ -217,8 +230,12 @@ impl Sandboxes {
             revision: rev,
         });
         self.failpoint("policy-after-record");
+        self.pause("policy-before-load");
         let loaded = match self.network() {
-            Some(network) => network.load_policy(name, &req.policy_source, &req.policy, version),
+            _ if self.failing("policy-load-fails") => {
+                Err("failpoint policy-load-fails: loading refused".to_owned())
+            }
+            Some(network) => network.load_policy(name, &new, version),
             None => Ok(()),
         };
         let (status, error) = match &loaded {
@@ -227,6 +244,7 @@ impl Sandboxes {
         };
         self.store()
             .set_revision_status(Some(name), version, status, error)?;
+        self.revision_settled();
         match loaded {
             Ok(()) => eprintln!("gateway: sandbox {name:?}: policy revision {version} loaded"),
             Err(e) => eprintln!("gateway: sandbox {name:?}: policy revision {version} failed: {e}"),

@@ -5,6 +5,7 @@ use std::{
     io,
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
+    time::Duration,
 };
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,7 +34,7 @@ use super::{
     revisions::RevisionError,
     wire::{EventReader, open_pty, send_event},
 };
-use crate::config::Paths;
+use crate::{config::Paths, store::RevisionStatus};
 
 /// Largest request body (policies are at most 4 MiB).
 const MAX_BODY: usize = 8 << 20;
@@ -193,6 +194,10 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
                 .await
                 .map(|revisions| json(StatusCode::OK, &revisions))
         }
+        (&Method::GET, ["v1", "sandboxes", name, "policy", version]) => {
+            let wait = wait_from_query(req.uri().query());
+            policy_revision(&state, name, version, wait).await
+        }
         (&Method::POST, ["v1", "sandboxes", name, "policy"]) => {
             let name = (*name).to_owned();
             set_policy(&state, name, req).await
@@ -223,6 +228,52 @@ async fn revision_call<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(revision_error(&e)),
         Err(e) => Err(error(500, "internal", format!("gateway task failed: {e}"))),
+    }
+}
+
+/// Longest `wait_ms` a revision request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// `wait_ms=N` from a query string, at most [`MAX_WAIT`]; zero when absent.
+fn wait_from_query(query: Option<&str>) -> Duration {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("wait_ms="))
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+        .min(MAX_WAIT)
+}
+
+/// One revision. With a wait, a `pending` revision is answered as soon as it settles
+/// (`loaded` or `failed`), or when the wait is over, whichever comes first.
+async fn policy_revision(
+    state: &State,
+    name: &str,
+    version: &str,
+    wait: Duration,
+) -> Result<Resp, Resp> {
+    let version: i64 = version.parse().map_err(|_| {
+        error(
+            400,
+            "bad_request",
+            format!("policy revision {version:?} is not a version number"),
+        )
+    })?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut settled = state.sandboxes.revisions_settled();
+    loop {
+        settled.mark_unchanged();
+        let (s, n) = (Arc::clone(&state.sandboxes), name.to_owned());
+        let rev = revision_call(move || s.policy_revision(&n, version)).await?;
+        if rev.status != RevisionStatus::Pending
+            || !matches!(
+                tokio::time::timeout_at(deadline, settled.changed()).await,
+                Ok(Ok(()))
+            )
+        {
+            return Ok(json(StatusCode::OK, &rev));
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
@@ -432,7 +433,10 @@ impl Proxy {
             names,
             dst,
         };
-        let generation = sandbox.generation();
+        // Subscribed before reading the generation: a reload after this point re-judges the
+        // connection (below), so none can slip between its decision and its revocation watch.
+        let mut updates = sandbox.subscribe();
+        let generation = Arc::clone(&updates.borrow_and_update());
         match identity {
             Ok(Ok((binary, ancestors))) => {
                 facts.ancestor_paths = ancestors.iter().map(|b| b.path.to_path_buf()).collect();
@@ -488,7 +492,8 @@ impl Proxy {
             return;
         }
         if let Inspection::Http { terminate_tls } = decision.inspection {
-            self.inspect(stream, facts, host, terminate_tls).await;
+            self.inspect(stream, &facts, &host, binary, terminate_tls, updates)
+                .await;
             return;
         }
         let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
@@ -501,81 +506,120 @@ impl Proxy {
         };
         let _ = stream.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let mut updates = sandbox.subscribe();
-        updates.mark_unchanged();
-        let me = Arc::clone(&self);
-        let revoked = async {
-            loop {
-                if updates.changed().await.is_err() {
-                    // The sandbox is gone: nothing can allow the connection any more.
-                    return (None, String::from("the sandbox was removed"));
-                }
-                let generation = Arc::clone(&updates.borrow_and_update());
-                let (_, decision) = me.decide(&facts, &generation);
-                if decision.verdict != Verdict::Allow {
-                    return (Some(generation), decision.reason.to_string());
-                }
-            }
-        };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let revoked = self.revoked(&facts, updates);
         let revoke_future = async move {
             let why = revoked.await;
             let _ = tx.send(why);
         };
         let outcome = relay::relay(stream, upstream, self.relay, revoke_future).await;
         if matches!(outcome.end, RelayEnd::Revoked)
-            && let Ok((generation, reason)) = rx.await
+            && let Ok(why) = rx.await
         {
-            let generation = generation.unwrap_or_else(|| sandbox.generation());
-            self.log.record(self.record_for(
-                &facts,
-                &generation,
-                binary,
-                Some(&host),
-                Verdict::Deny,
-                format!(
-                    "open connection closed: policy revision {} no longer allows it: {reason}",
-                    generation.revision()
-                ),
-            ));
+            self.log_revoked(&facts, binary, &host, why);
         }
     }
 
-    /// Serves an allowed connection to a `protocol: rest` endpoint with HTTP inspection.
-    async fn inspect(&self, stream: TcpStream, facts: Facts, host: String, terminate_tls: bool) {
-        let Facts {
-            sandbox,
-            pid,
+    /// Resolves when a new generation of the sandbox no longer allows the connection judged
+    /// on `facts` (or the sandbox is removed), with that generation and the reason.
+    async fn revoked(
+        &self,
+        facts: &Facts,
+        mut updates: tokio::sync::watch::Receiver<Arc<Generation>>,
+    ) -> (Option<Arc<Generation>>, String) {
+        loop {
+            if updates.changed().await.is_err() {
+                // The sandbox is gone: nothing can allow the connection any more.
+                return (None, String::from("the sandbox was removed"));
+            }
+            let generation = Arc::clone(&updates.borrow_and_update());
+            let (_, decision) = self.decide(facts, &generation);
+            if decision.verdict != Verdict::Allow {
+                return (Some(generation), decision.reason.to_string());
+            }
+        }
+    }
+
+    fn log_revoked(
+        &self,
+        facts: &Facts,
+        binary: Option<String>,
+        host: &str,
+        (generation, reason): (Option<Arc<Generation>>, String),
+    ) {
+        let generation = generation.unwrap_or_else(|| facts.sandbox.generation());
+        self.log.record(self.record_for(
+            facts,
+            &generation,
             binary,
-            ancestors,
-            ancestor_paths,
-            dst,
-            ..
-        } = facts;
+            Some(host),
+            Verdict::Deny,
+            format!(
+                "open connection closed: policy revision {} no longer allows it: {reason}",
+                generation.revision()
+            ),
+        ));
+    }
+
+    /// Serves an allowed connection to a `protocol: rest` endpoint with HTTP inspection until
+    /// it ends, or until a new generation no longer allows the connection (then it is reset).
+    async fn inspect(
+        &self,
+        stream: TcpStream,
+        facts: &Facts,
+        host: &str,
+        binary: Option<String>,
+        terminate_tls: bool,
+        updates: tokio::sync::watch::Receiver<Arc<Generation>>,
+    ) {
+        // A second handle on the client socket, to reset it if the connection is revoked.
+        let Ok(client) = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map(socket2::Socket::from)
+        else {
+            relay::reset(&stream);
+            return;
+        };
+        let sandbox = &facts.sandbox;
         let ctx = InspectContext {
             sandbox: Arc::from(sandbox.name()),
             host: Arc::from(host),
-            port: dst.port(),
-            upstream: vec![dst],
-            binary: binary.map(|b| b.path.to_path_buf()).unwrap_or_default(),
-            ancestors: ancestor_paths,
-            pid,
+            port: facts.dst.port(),
+            upstream: vec![facts.dst],
+            binary: facts
+                .binary
+                .as_ref()
+                .map(|b| b.path.to_path_buf())
+                .unwrap_or_default(),
+            ancestors: facts.ancestor_paths.clone(),
+            pid: facts.pid,
             terminate_tls,
             ca: sandbox.ca(),
             upstream_tls: Arc::clone(&self.upstream_tls),
-            policy: Arc::new(CurrentGeneration(Arc::clone(&sandbox))),
+            policy: Arc::new(CurrentGeneration(Arc::clone(sandbox))),
             log: Arc::new(RequestDecisions {
                 log: Arc::clone(&self.log),
-                ancestors: ancestors
+                ancestors: facts
+                    .ancestors
                     .iter()
                     .map(|a| a.path.display().to_string())
                     .collect(),
-                ip: dst.ip(),
+                ip: facts.dst.ip(),
             }),
         };
-        // A failed handshake or broken framing ends this connection only; the requests that
-        // were decided are in the log already.
-        let _ = inspect::serve(stream, ctx).await;
+        tokio::select! {
+            // A failed handshake or broken framing ends this connection only; the requests
+            // that were decided are in the log already.
+            _ = inspect::serve(stream, ctx) => {}
+            why = self.revoked(facts, updates) => {
+                // The serving future (and its handle on the socket) is dropped with this
+                // select; ours is then the last one, and closing it sends the reset.
+                let _ = client.set_linger(Some(Duration::ZERO));
+                self.log_revoked(facts, binary, host, why);
+            }
+        }
+        drop(client);
     }
 
     /// Judges the connection under `generation`: by each name the sandbox resolved to the

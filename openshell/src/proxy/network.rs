@@ -2,6 +2,13 @@
 //! loads the eBPF programs pointing at them, serves on the gateway's tokio runtime, writes
 //! decisions to the store, and attaches each sandbox's cgroup (with its policy) when the
 //! gateway creates or re-adopts it.
+//!
+//! Start-up is two steps so that no connection is judged before its sandbox is known:
+//! [`Network::start`] binds the listeners and points the eBPF programs at them (the kernel
+//! queues redirected connections and DNS datagrams from then on), the gateway re-adopts its
+//! sandboxes with their loaded policy revisions, and only then does [`Network::serve`] start
+//! accepting. A connection that arrives in between waits in the listen backlog and is judged by
+//! its sandbox's restored policy, never refused for want of one.
 
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -34,6 +41,8 @@ pub struct Network {
     registry: Arc<Registry>,
     store: Arc<dyn Store>,
     listening: Vec<SocketAddr>,
+    /// The proxy and its bound listeners until [`Network::serve`] starts them.
+    idle: Mutex<Option<(Arc<Proxy>, ProxyListeners)>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -82,12 +91,9 @@ fn extra_roots(files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, ProxyE
 }
 
 impl Network {
-    /// Starts the proxy on `runtime` with the listeners of `config`.
-    pub fn start(
-        runtime: &tokio::runtime::Runtime,
-        config: &GatewayConfig,
-        store: Arc<dyn Store>,
-    ) -> Result<Arc<Self>, ProxyError> {
+    /// Binds the listeners of `config` and points the eBPF programs at them; nothing is
+    /// accepted until [`Network::serve`].
+    pub fn start(config: &GatewayConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, ProxyError> {
         let transparent_v4 = v4(
             "[proxy] transparent_listen",
             config.proxy.transparent_listen,
@@ -120,17 +126,31 @@ impl Network {
             Arc::clone(&interceptor) as _,
             Arc::new(log),
         )?);
-        runtime.spawn(async move {
-            if let Err(e) = proxy.serve(listeners, std::future::pending()).await {
-                eprintln!("gateway: proxy stopped: {e}");
-            }
-        });
         Ok(Arc::new(Self {
             interceptor,
             registry,
             store,
             listening,
+            idle: Mutex::new(Some((proxy, listeners))),
         }))
+    }
+
+    /// Starts accepting on `runtime`. Call it once the sandboxes are attached (re-adopted
+    /// after a restart), so every connection finds its sandbox and policy; later calls do
+    /// nothing.
+    pub fn serve(&self, runtime: &tokio::runtime::Runtime) {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((proxy, listeners)) = idle {
+            runtime.spawn(async move {
+                if let Err(e) = proxy.serve(listeners, std::future::pending()).await {
+                    eprintln!("gateway: proxy stopped: {e}");
+                }
+            });
+        }
     }
 
     /// The addresses the proxy listens on.
@@ -204,17 +224,14 @@ impl CgroupAttach for Network {
     fn load_policy(
         &self,
         name: &str,
-        source: &str,
-        text: &str,
+        policy: &crate::policy::Policy,
         revision: i64,
     ) -> Result<(), String> {
         let sandbox = self
             .registry
             .by_name(name)
             .ok_or_else(|| format!("sandbox {name:?} is not attached to the proxy"))?;
-        let generation =
-            Generation::from_text(source, text, revision).map_err(|e| e.to_string())?;
-        sandbox.set_generation(generation);
+        sandbox.set_generation(Generation::new(policy, revision));
         Ok(())
     }
 

@@ -196,6 +196,12 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Revisions of a scope, newest first.
     fn revisions(&self, sandbox: Option<&str>) -> Result<Vec<PolicyRevision>, StoreError>;
+    /// One revision of a scope: `version`, or the newest loaded one when `version` is `None`.
+    fn revision(
+        &self,
+        sandbox: Option<&str>,
+        version: Option<i64>,
+    ) -> Result<Option<PolicyRevision>, StoreError>;
 
     fn setting(&self, scope: &str, key: &str) -> Result<Option<String>, StoreError>;
     fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<(), StoreError>;

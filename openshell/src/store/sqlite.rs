@@ -400,6 +400,38 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    fn revision(
+        &self,
+        sandbox: Option<&str>,
+        version: Option<i64>,
+    ) -> Result<Option<PolicyRevision>, StoreError> {
+        let conn = self.conn();
+        let id = sandbox_id(&conn, sandbox)?;
+        let found = conn
+            .query_row(
+                &format!(
+                    "SELECT {REVISION_COLUMNS} FROM policy_revisions r
+                     LEFT JOIN sandboxes s ON s.id = r.sandbox_id
+                     WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
+                       AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
+                     ORDER BY r.version DESC LIMIT 1"
+                ),
+                params![id, version],
+                revision_row,
+            )
+            .optional()
+            .map_err(sql("reading a policy revision"))?;
+        found
+            .map(|(mut rev, status)| {
+                rev.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
+                    what: "policy_revisions.status",
+                    value: status,
+                })?;
+                Ok(rev)
+            })
+            .transpose()
+    }
+
     fn setting(&self, scope: &str, key: &str) -> Result<Option<String>, StoreError> {
         self.conn()
             .query_row(
@@ -575,6 +607,32 @@ mod tests {
             Err(StoreError::NoSuchSandbox { .. })
         ));
         assert_eq!(store.revisions(Some("b")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_revision_by_version_or_the_loaded_one() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        assert_eq!(store.revision(Some("a"), None).unwrap(), None);
+        store
+            .set_revision_status(Some("a"), 1, RevisionStatus::Loaded, None)
+            .unwrap();
+        store.add_revision(Some("a"), "v2", "s2", 3).unwrap();
+        store.add_revision(None, "global", "g1", 4).unwrap();
+        let loaded = store.revision(Some("a"), None).unwrap().unwrap();
+        assert_eq!((loaded.version, loaded.status), (1, RevisionStatus::Loaded));
+        let two = store.revision(Some("a"), Some(2)).unwrap().unwrap();
+        assert_eq!(
+            (two.policy.as_str(), two.status),
+            ("v2", RevisionStatus::Pending)
+        );
+        assert_eq!(store.revision(Some("a"), Some(3)).unwrap(), None);
+        let global = store.revision(None, Some(1)).unwrap().unwrap();
+        assert_eq!(global.policy, "global");
+        assert!(matches!(
+            store.revision(Some("nope"), Some(1)),
+            Err(StoreError::NoSuchSandbox { .. })
+        ));
     }
 
     #[test]
