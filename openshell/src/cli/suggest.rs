@@ -188,11 +188,6 @@ pub fn run(args: &SuggestArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(
-        clippy::unwrap_used,
-        reason = "test code: a failed unwrap is a failed test"
-    )]
-
     use super::*;
 
     fn record(binary: Option<&str>, host: &str, port: u16, reason: &str) -> DecisionRecord {

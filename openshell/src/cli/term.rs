@@ -384,7 +384,11 @@ pub fn draw(frame: &mut Frame<'_>, state: &State) {
         ],
     )
     .header(Row::new(["SANDBOX", "STATUS", "PROCS", "POLICY", "DENIALS"]).style(bold))
-    .block(Block::bordered().title(format!(" Sandboxes ({}) ", state.sandboxes.len())));
+    .block(
+        Block::bordered()
+            .title(format!(" Sandboxes ({}) ", state.sandboxes.len()))
+            .title(Line::from(format!(" {} ", state.status)).right_aligned()),
+    );
     frame.render_widget(sandboxes, top);
 
     let rows = state.groups.iter().map(|g| {
@@ -424,10 +428,7 @@ pub fn draw(frame: &mut Frame<'_>, state: &State) {
         .block(Block::bordered().title(" Suggested block "));
     frame.render_widget(suggestion, right);
 
-    let help = format!(
-        "↑/↓ select  Enter quit and print the block  w append it to the file  q quit | {}",
-        state.status
-    );
+    let help = "↑/↓ select   Enter quit and print the block   w append it to the file   q quit";
     frame.render_widget(Paragraph::new(Line::from(help)), footer);
 }
 
@@ -565,11 +566,6 @@ pub fn run(args: &TermArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(
-        clippy::unwrap_used,
-        reason = "test code: a failed unwrap is a failed test"
-    )]
-
     use ratatui::backend::TestBackend;
 
     use super::*;

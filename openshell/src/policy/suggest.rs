@@ -823,11 +823,6 @@ pub fn render_block(key: &str, block: &NetworkBlock) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![expect(
-        clippy::unwrap_used,
-        reason = "test code: a failed unwrap is a failed test"
-    )]
-
     use proptest::prelude::*;
 
     use super::*;
@@ -1128,7 +1123,7 @@ mod tests {
             ip: Some("10.0.0.7".parse().unwrap()),
             ..denial("/usr/bin/psql", "db.corp.example", 5432)
         };
-        let s = check(&current, &[d.clone()]);
+        let s = check(&current, std::slice::from_ref(&d));
         insta::assert_snapshot!(s.render(), @r#"
           # replaces block db: adds allowed_ips 10.0.0.7/32 to db.corp.example:5432
           # covers 1 denial: /usr/bin/psql -> db.corp.example:5432
