@@ -1,0 +1,268 @@
+//! `openshell policy suggest` and `openshell term` through the real gateway, proxy, eBPF
+//! programs and a DNS + HTTPS test host: two connections are denied (a binary missing from a
+//! block, an endpoint no block has), `policy suggest` prints the blocks that would allow them,
+//! the operator pastes them into the pulled policy, `policy set --wait` loads it, and the same
+//! commands then succeed. `term` refuses to start without a gateway or without a terminal.
+
+mod proxy_support;
+
+use std::time::{Duration, Instant};
+
+use openshell_tests::gateway::{Run, TestGateway};
+use proxy_support::{TestHost, privileged};
+
+fn gateway_for(host: &TestHost) -> TestGateway {
+    let gw = TestGateway::new().unwrap();
+    std::fs::write(
+        &gw.config,
+        format!(
+            "[gateway]\ncgroup_base = \"{}\"\n\
+             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n",
+            gw.cgroup_base,
+            host.dns.addr()
+        ),
+    )
+    .unwrap();
+    gw
+}
+
+/// pypi.org is reachable for pip only; files.pythonhosted.org only on port 80 (so its name
+/// resolves, but a connection to 443 matches no endpoint).
+const INITIAL: &str = "version: 1
+filesystem_policy:
+  read_only: [/usr, /lib, /etc]
+  read_write: [/sandbox, /tmp]
+network_policies:
+  pip:
+    name: pip
+    endpoints:
+      - host: pypi.org
+        port: 443
+    binaries:
+      - { path: /usr/bin/pip }
+  files_plain:
+    name: files_plain
+    endpoints:
+      - host: files.pythonhosted.org
+        port: 80
+    binaries:
+      - { path: /usr/bin/curl }
+";
+
+/// The `pip` block as INITIAL writes it (the suggestion replaces it).
+const PIP_BLOCK: &str = "  pip:
+    name: pip
+    endpoints:
+      - host: pypi.org
+        port: 443
+    binaries:
+      - { path: /usr/bin/pip }
+";
+
+fn curl(gw: &TestGateway, url: &str) -> Run {
+    gw.run(&[
+        "sandbox",
+        "exec",
+        "sugg",
+        "--",
+        "curl",
+        "-sSk",
+        "--max-time",
+        "10",
+        url,
+    ])
+    .unwrap()
+}
+
+/// Polls `logs -o json` (bounded) until `count` decisions match `pred`.
+fn wait_for_denials(gw: &TestGateway, count: usize, pred: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = gw
+            .run(&["logs", "sugg", "-o", "json"])
+            .unwrap()
+            .ok()
+            .unwrap();
+        let found = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| pred(l))
+            .count();
+        if found >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "denials not logged: {run:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The suggested block of `key` (from its `  key:` line to the next comment or block).
+fn block_of(output: &str, key: &str) -> String {
+    let start = output
+        .find(&format!("\n  {key}:\n"))
+        .unwrap_or_else(|| panic!("no block {key} in\n{output}"))
+        + 1;
+    let rest = &output[start..];
+    let end = rest[1..]
+        .find("\n  #")
+        .or_else(|| rest[1..].find("\n#"))
+        .map_or(rest.len(), |i| i + 2);
+    rest[..end].to_owned()
+}
+
+#[test]
+fn suggested_blocks_allow_what_was_denied() {
+    if !privileged() {
+        return;
+    }
+    let names = ["pypi.org", "files.pythonhosted.org"];
+    let host = TestHost::new(&names).unwrap();
+    for name in names {
+        host.dns.add(name, host.ip());
+    }
+    let gw = gateway_for(&host);
+    let dir = gw.dir.path().to_owned();
+    let initial = dir.join("initial.yaml");
+    std::fs::write(&initial, INITIAL).unwrap();
+
+    // Two denials: curl is not listed in `pip`, and no block has files.pythonhosted.org:443.
+    let run = gw
+        .run(&[
+            "sandbox",
+            "create",
+            "--name",
+            "sugg",
+            "--policy",
+            initial.to_str().unwrap(),
+            "--",
+            "curl",
+            "-sSk",
+            "--max-time",
+            "10",
+            "https://pypi.org/denied",
+        ])
+        .unwrap();
+    assert_ne!(run.code, Some(0), "pypi must be denied: {run:?}");
+    let run = curl(&gw, "https://files.pythonhosted.org/denied");
+    assert_ne!(run.code, Some(0), "files must be denied: {run:?}");
+    assert!(host.requests().is_empty());
+    wait_for_denials(&gw, 2, |l| l["decision"] == "deny" && l["port"] == 443);
+
+    // The suggestion covers both.
+    let suggested = gw
+        .run(&["policy", "suggest", "sugg"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    let (first, body) = suggested.stdout.split_once('\n').unwrap();
+    assert!(
+        first.starts_with("# openshell policy suggest sugg: 2 denied of the ")
+            && first.ends_with(" decisions read, policy version 1"),
+        "{first}"
+    );
+    insta::assert_snapshot!(body, @r#"
+    # Paste the blocks under `network_policies:`; a block marked "replaces" takes the place of the block with the same key.
+      # new block files_pythonhosted_org
+      # covers 1 denial: /usr/bin/curl -> files.pythonhosted.org:443
+      files_pythonhosted_org:
+        name: files_pythonhosted_org
+        endpoints:
+          - host: files.pythonhosted.org
+            port: 443
+        binaries:
+          - { path: /usr/bin/curl }
+      # replaces block pip: adds binary /usr/bin/curl
+      # covers 1 denial: /usr/bin/curl -> pypi.org:443
+      pip:
+        name: pip
+        endpoints:
+          - host: pypi.org
+            port: 443
+        binaries:
+          - { path: /usr/bin/pip }
+          - { path: /usr/bin/curl }
+    "#);
+    // `--since` keeps only recent decisions: none in the future.
+    let none = gw
+        .run(&["policy", "suggest", "sugg", "--since", "1ms"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert!(none.stdout.contains("# no block to suggest"), "{none:?}");
+
+    // Paste: the new block is appended, the amended one replaces `pip`.
+    let got = gw
+        .run(&["policy", "get", "sugg", "--full"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert!(got.stdout.contains(PIP_BLOCK), "{got:?}");
+    let edited = format!(
+        "{}{}",
+        got.stdout
+            .replace(PIP_BLOCK, &block_of(&suggested.stdout, "pip")),
+        block_of(&suggested.stdout, "files_pythonhosted_org")
+    );
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, &edited).unwrap();
+    let set = gw
+        .run(&[
+            "policy",
+            "set",
+            "sugg",
+            "--policy",
+            file.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(set.code, Some(0), "{set:?}\n{edited}");
+
+    // The same commands now succeed, and reach the upstream.
+    let run = curl(&gw, "https://pypi.org/allowed");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = curl(&gw, "https://files.pythonhosted.org/allowed");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(host.requests(), ["/allowed", "/allowed"]);
+
+    // Nothing left to suggest for the old denials: version 2 allows them.
+    let again = gw
+        .run(&["policy", "suggest", "sugg"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert!(again.stdout.contains("# no block to suggest"), "{again:?}");
+    assert!(
+        again
+            .stdout
+            .contains("# 2 of the denials are allowed by policy version 2 already"),
+        "{again:?}"
+    );
+
+    // `term` needs a terminal; with pipes it says so and exits 1.
+    let term = gw.run(&["term"]).unwrap();
+    assert_eq!(term.code, Some(1), "{term:?}");
+    assert!(
+        term.stderr
+            .contains("openshell term needs a terminal on stdin and stdout"),
+        "{term:?}"
+    );
+}
+
+#[test]
+fn term_without_a_gateway_says_so() {
+    let gw = TestGateway::new().unwrap();
+    let run = gw.run(&["term"]).unwrap();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let socket = gw.state_dir().join("run/gateway.sock");
+    assert!(
+        run.stderr.contains(&format!(
+            "openshell term: no gateway answers on {} (start one with `openshell gateway start`)",
+            socket.display()
+        )),
+        "{run:?}"
+    );
+    // Nothing was started behind the user's back.
+    assert!(gw.gateway_pid().is_none());
+}
