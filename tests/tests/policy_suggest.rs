@@ -4,6 +4,11 @@
 //! the operator pastes them into the pulled policy, `policy set --wait` loads it, and the same
 //! commands then succeed. `term` refuses to start without a gateway or without a terminal.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 mod proxy_support;
 
 use std::time::{Duration, Instant};
