@@ -11,7 +11,17 @@
 
 mod proxy_support;
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    pty::{Winsize, openpty},
+    sys::termios::{LocalFlags, tcgetattr},
+};
 
 use openshell_tests::gateway::{Run, TestGateway};
 use proxy_support::{TestHost, privileged};
@@ -100,6 +110,84 @@ fn wait_for_denials(gw: &TestGateway, count: usize, pred: impl Fn(&serde_json::V
         }
         assert!(Instant::now() < deadline, "denials not logged: {run:?}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Bytes that switch to and from the alternate screen.
+const ENTER_ALT: &str = "\x1b[?1049h";
+const LEAVE_ALT: &str = "\x1b[?1049l";
+
+/// What `openshell term` wrote to its terminal, its exit code, and whether the terminal was
+/// back in canonical mode with echo once it exited.
+struct TermRun {
+    output: String,
+    code: Option<i32>,
+    restored: bool,
+}
+
+/// Runs `openshell term` on a fresh pty (120x30) playing the terminal emulator, waits until its
+/// screen shows `ready`, types `keys`, and waits (bounded) for it to exit.
+fn term_on_a_pty(gw: &TestGateway, ready: &str, keys: &[u8]) -> TermRun {
+    let size = Winsize {
+        ws_row: 30,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&size), None).unwrap();
+    let slave: OwnedFd = pty.slave;
+    let mut cmd = gw.command();
+    cmd.arg("term")
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut output = Vec::new();
+    let mut typed = false;
+    let mut answered = 0;
+    let status = loop {
+        assert!(
+            Instant::now() < deadline,
+            "term did not finish; it wrote:\n{}",
+            String::from_utf8_lossy(&output)
+        );
+        let mut fds = [PollFd::new(pty.master.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(100u16)).unwrap() > 0 {
+            let mut buf = [0u8; 65536];
+            if let Ok(n) = nix::unistd::read(&pty.master, &mut buf) {
+                output.extend_from_slice(&buf[..n]);
+            }
+        }
+        // Answer cursor position queries as a terminal emulator does.
+        let queries = String::from_utf8_lossy(&output).matches("\x1b[6n").count();
+        while answered < queries {
+            nix::unistd::write(&pty.master, b"\x1b[1;1R").unwrap();
+            answered += 1;
+        }
+        if !typed && String::from_utf8_lossy(&output).contains(ready) {
+            nix::unistd::write(&pty.master, keys).unwrap();
+            typed = true;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+    };
+    // What was still buffered.
+    let mut fds = [PollFd::new(pty.master.as_fd(), PollFlags::POLLIN)];
+    while poll(&mut fds, PollTimeout::from(100u16)).unwrap() > 0 {
+        let mut buf = [0u8; 65536];
+        match nix::unistd::read(&pty.master, &mut buf) {
+            Ok(n) if n > 0 => output.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let flags = tcgetattr(slave.as_fd()).unwrap().local_flags;
+    TermRun {
+        output: String::from_utf8_lossy(&output).into_owned(),
+        code: status.code(),
+        restored: typed && flags.contains(LocalFlags::ICANON | LocalFlags::ECHO),
     }
 }
 
@@ -196,6 +284,42 @@ fn suggested_blocks_allow_what_was_denied() {
         .ok()
         .unwrap();
     assert!(none.stdout.contains("# no block to suggest"), "{none:?}");
+
+    // The dashboard shows the sandbox and its denials; Enter quits and prints the selected
+    // denial's block on the restored terminal.
+    let run = term_on_a_pty(&gw, "files.pythonhosted.org:443", b"\r");
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert!(run.restored, "{}", run.output);
+    let (screen, after) = run
+        .output
+        .split_once(ENTER_ALT)
+        .and_then(|(_, rest)| rest.split_once(LEAVE_ALT))
+        .unwrap_or_else(|| panic!("no alternate screen: {:?}", run.output));
+    // (ratatui moves the cursor over blanks, so only words are contiguous.)
+    for shown in [
+        "Sandboxes",
+        "(1)",
+        "sugg",
+        "loaded",
+        "pypi.org:443",
+        "/usr/bin/curl",
+    ] {
+        assert!(screen.contains(shown), "{shown} not on {screen:?}");
+    }
+    let printed = after.replace("\r\n", "\n");
+    assert!(
+        printed.contains("  # new block files_pythonhosted_org\n")
+            || printed.contains("  # replaces block pip: adds binary /usr/bin/curl\n"),
+        "{printed:?}"
+    );
+    // q and Ctrl-C quit as well, printing nothing.
+    for key in [b"q", b"\x03"] {
+        let run = term_on_a_pty(&gw, "pypi.org:443", key);
+        assert_eq!(run.code, Some(0), "{}", run.output);
+        assert!(run.restored, "{}", run.output);
+        let after = run.output.rsplit_once(LEAVE_ALT).unwrap().1;
+        assert!(!after.contains("block"), "{after:?}");
+    }
 
     // Paste: the new block is appended, the amended one replaces `pip`.
     let got = gw
