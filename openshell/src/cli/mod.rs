@@ -12,6 +12,8 @@ pub mod logs;
 pub mod policy;
 pub mod revisions;
 pub mod sandbox;
+pub mod suggest;
+pub mod term;
 
 pub use policy::PolicyCommand;
 
@@ -37,6 +39,8 @@ pub enum Command {
     /// Create, run commands in, list, inspect and delete sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// A live dashboard: sandboxes, denials as they happen, and the block that would allow each.
+    Term(term::TermArgs),
     /// Internal: applies a sandbox's static restrictions and execs its program (started by the
     /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
     #[command(name = "__sandbox-init", hide = true)]
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(&args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
+        Command::Term(args) => term::run(&args),
         Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }

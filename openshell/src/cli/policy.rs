@@ -33,6 +33,8 @@ pub enum PolicyCommand {
     Get(super::revisions::GetArgs),
     /// List a sandbox's policy revisions, newest first.
     List(super::revisions::ListArgs),
+    /// Print the network_policies blocks that would allow a sandbox's recent denials.
+    Suggest(super::suggest::SuggestArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -90,6 +92,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Set(args) => super::revisions::set(&args),
         PolicyCommand::Get(args) => super::revisions::get(&args),
         PolicyCommand::List(args) => super::revisions::list(&args),
+        PolicyCommand::Suggest(args) => super::suggest::run(&args),
     }
 }
 

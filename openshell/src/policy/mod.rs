@@ -22,6 +22,7 @@ mod host;
 mod ip;
 mod model;
 mod raw;
+mod suggest;
 mod target;
 mod validate;
 
@@ -36,6 +37,10 @@ pub use model::{
     AccessPreset, AllowSet, Compatibility, Endpoint, Enforcement, FilesystemPolicy, LandlockPolicy,
     NetworkBlock, Policy, ProcessPolicy, QueryMatcher, RequestRule, RestPolicy, StaticSections,
     TlsMode,
+};
+pub use suggest::{
+    Change, Covered, Denial, DeniedRequest, Suggestion, Suggestions, Unresolved, describe,
+    render_block, suggest,
 };
 pub use target::{CanonicalTarget, MalformedQuery, Query, TargetError, canonicalize};
 pub use validate::{MAX_FILESYSTEM_PATHS, MAX_PATH_LEN, parse, too_large};
