@@ -18,6 +18,12 @@
 //! | `DELETE /v1/sandboxes/{name}` | → `{}` |
 //! | `GET /v1/sandboxes/{name}/policy` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
 //! | `POST /v1/sandboxes/{name}/policy` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
+//! | `GET /v1/sandboxes/{name}/logs?n=N` | → `[`[`crate::store::DecisionRecord`]`]`, oldest first |
+//! | `GET /v1/sandboxes/{name}/log?...` | → [`api::LogResponse`] (query: [`api::LogRequest`]) |
+//! | `GET /v1/sandboxes/{name}/settings` | → [`api::SandboxSettings`] |
+//! | `GET /v1/policy/global` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
+//! | `PUT /v1/policy/global` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
+//! | `DELETE /v1/policy/global` | → [`api::DeleteGlobalResult`] |
 //! | `POST /v1/sandboxes/{name}/exec` | [`api::ExecRequest`] with `Upgrade: openshell-exec/1` → 101 |
 //!
 //! Errors are 4xx/5xx with an [`api::ErrorBody`].
@@ -184,6 +190,7 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
         .map_err(GatewayError::Runtime)?;
     // The proxy and the eBPF programs are up before any sandbox is (re-)attached.
     let network = crate::proxy::network::Network::start(&runtime, config, store.clone())?;
+    let listening = network.listening().to_vec();
     let cas = trust::CaStore::open(paths.ca_dir())?;
     let sandboxes = Arc::new(Sandboxes::new(
         store,
@@ -241,6 +248,8 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
     let state = server::State {
         sandboxes,
         paths: paths.clone(),
+        config: config.clone(),
+        listening,
     };
     let served = runtime.block_on(server::serve(listener, state));
     let _ = fs::remove_file(&socket);
