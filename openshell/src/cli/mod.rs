@@ -12,6 +12,7 @@ pub mod logs;
 pub mod policy;
 pub mod revisions;
 pub mod sandbox;
+pub mod settings;
 
 pub use policy::PolicyCommand;
 
@@ -29,7 +30,7 @@ pub enum Command {
     /// Start, stop and inspect the gateway daemon.
     #[command(subcommand)]
     Gateway(gateway::GatewayCommand),
-    /// Show a sandbox's network decisions (the decision log).
+    /// Show a sandbox's network decisions and the gateway's events; --tail follows them.
     Logs(logs::LogsArgs),
     /// Validate, check, get and set policies.
     #[command(subcommand)]
@@ -37,6 +38,10 @@ pub enum Command {
     /// Create, run commands in, list, inspect and delete sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Show what governs a sandbox: policy source and revision, static enforcement, gateway
+    /// settings.
+    #[command(subcommand)]
+    Settings(settings::SettingsCommand),
     /// Internal: applies a sandbox's static restrictions and execs its program (started by the
     /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
     #[command(name = "__sandbox-init", hide = true)]
@@ -50,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(&args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
+        Command::Settings(cmd) => settings::run(cmd),
         Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }

@@ -544,6 +544,30 @@ mod tests {
     }
 
     #[test]
+    fn delete_global_output() {
+        let nothing = DeleteGlobalResult {
+            deleted: None,
+            restored: vec![],
+            failed: vec![],
+        };
+        let done = DeleteGlobalResult {
+            deleted: Some(2),
+            restored: vec![("a".into(), 3), ("b".into(), 1)],
+            failed: vec![(
+                "c".into(),
+                "sandbox \"c\" is not attached to the proxy".into(),
+            )],
+        };
+        insta::assert_snapshot!(format!("{}{}", render_delete(&nothing), render_delete(&done)), @r#"
+            no global policy is in force; nothing changed
+            global: policy version 2 deleted
+            sandbox a: back on its own policy version 3
+            sandbox b: back on its own policy version 1
+            sandbox c: its own policy could not be put back (it keeps the deleted global policy until the gateway restarts): sandbox "c" is not attached to the proxy
+        "#);
+    }
+
+    #[test]
     fn original_header_style_becomes_comments_keeping_lines() {
         let original = "Version: 3\nHash: sha256:abc\nStatus: Loaded\n---\nversion: 1\n";
         let commented = comment_out_header(original);
