@@ -305,6 +305,53 @@ impl Client {
         )
     }
 
+    /// A page of sandbox `name`'s decision log and/or gateway events (see
+    /// [`crate::gateway::api::LogRequest`]).
+    pub fn log_page(
+        &self,
+        name: &str,
+        req: &crate::gateway::api::LogRequest,
+    ) -> Result<crate::gateway::api::LogResponse, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{name}/log?{}", req.to_query()),
+            None::<&()>,
+        )
+    }
+
+    /// What governs sandbox `name`: policy source and revision, static enforcement, gateway
+    /// settings.
+    pub fn settings(
+        &self,
+        name: &str,
+    ) -> Result<crate::gateway::api::SandboxSettings, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{name}/settings"),
+            None::<&()>,
+        )
+    }
+
+    /// Every revision of the global policy, newest first.
+    pub fn global_revisions(&self) -> Result<Vec<crate::store::PolicyRevision>, ClientError> {
+        self.call(Method::GET, "/v1/policy/global", None::<&()>)
+    }
+
+    /// Submits a new global policy; the answer comes once it is recorded.
+    pub fn set_global_policy(
+        &self,
+        req: &crate::gateway::api::SetPolicy,
+    ) -> Result<crate::gateway::api::SetPolicyResult, ClientError> {
+        self.call(Method::PUT, "/v1/policy/global", Some(req))
+    }
+
+    /// Removes the global policy; every sandbox returns to its own.
+    pub fn delete_global_policy(
+        &self,
+    ) -> Result<crate::gateway::api::DeleteGlobalResult, ClientError> {
+        self.call(Method::DELETE, "/v1/policy/global", None::<&()>)
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self.call(
             Method::DELETE,

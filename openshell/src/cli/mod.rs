@@ -12,6 +12,7 @@ pub mod logs;
 pub mod policy;
 pub mod revisions;
 pub mod sandbox;
+pub mod settings;
 pub mod suggest;
 pub mod term;
 
@@ -31,7 +32,7 @@ pub enum Command {
     /// Start, stop and inspect the gateway daemon.
     #[command(subcommand)]
     Gateway(gateway::GatewayCommand),
-    /// Show a sandbox's network decisions (the decision log).
+    /// Show a sandbox's network decisions and the gateway's events; --tail follows them.
     Logs(logs::LogsArgs),
     /// Validate, check, get and set policies.
     #[command(subcommand)]
@@ -41,6 +42,10 @@ pub enum Command {
     Sandbox(sandbox::SandboxCommand),
     /// A live dashboard: sandboxes, denials as they happen, and the block that would allow each.
     Term(term::TermArgs),
+    /// Show what governs a sandbox: policy source and revision, static enforcement, gateway
+    /// settings.
+    #[command(subcommand)]
+    Settings(settings::SettingsCommand),
     /// Internal: applies a sandbox's static restrictions and execs its program (started by the
     /// gateway; must stay single-threaded, so it runs before anything starts a runtime).
     #[command(name = "__sandbox-init", hide = true)]
@@ -55,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Term(args) => term::run(&args),
+        Command::Settings(cmd) => settings::run(cmd),
         Command::SandboxInit(args) => Ok(crate::sandbox::init::main(&args)),
     }
 }

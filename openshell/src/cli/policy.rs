@@ -26,15 +26,18 @@ pub enum PolicyCommand {
     /// Decide a connection (and optionally one HTTP request) against a policy file; exit 0 for
     /// allow (audit included), 3 for deny, 1 for an invalid policy, 2 for bad arguments.
     Check(CheckArgs),
-    /// Put a new network policy in force on a running sandbox; with --wait, exit 0 when it is
-    /// loaded, 1 when it is invalid or failed to load, 124 on timeout.
+    /// Put a new network policy in force on a running sandbox (or, with --global, on every
+    /// sandbox); with --wait, exit 0 when it is loaded, 1 when it is invalid or failed to load,
+    /// 124 on timeout.
     Set(super::revisions::SetArgs),
-    /// Print a sandbox's policy (the one in force, or --rev N).
+    /// Print a sandbox's policy or the global one (the one in force, or --rev N).
     Get(super::revisions::GetArgs),
-    /// List a sandbox's policy revisions, newest first.
+    /// List a sandbox's (or the global) policy revisions, newest first.
     List(super::revisions::ListArgs),
     /// Print the network_policies blocks that would allow a sandbox's recent denials.
     Suggest(super::suggest::SuggestArgs),
+    /// Delete the global policy (--global); every sandbox returns to its own.
+    Delete(super::revisions::DeleteArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -93,6 +96,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Get(args) => super::revisions::get(&args),
         PolicyCommand::List(args) => super::revisions::list(&args),
         PolicyCommand::Suggest(args) => super::suggest::run(&args),
+        PolicyCommand::Delete(args) => super::revisions::delete(&args),
     }
 }
 

@@ -8,11 +8,16 @@
 //!
 //! Exit codes of `policy set --wait`: 0 loaded, 1 invalid or failed to load, 124 timed out or
 //! no gateway reachable.
+//!
+//! `--global` instead of a sandbox name works on the global policy (see
+//! [`crate::gateway::revisions`]): `policy set --global` asks for confirmation on a terminal
+//! and, without a terminal, refuses unless `--yes` is given; `policy delete --global` removes
+//! it.
 
 use std::{
     fmt::Write as _,
     fs::File,
-    io::Read as _,
+    io::{BufRead as _, IsTerminal as _, Read as _, Write as _},
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -25,7 +30,10 @@ use super::{logs::rfc3339_ms, policy::OutputFormat};
 use crate::{
     client::{Client, ClientError},
     config::Paths,
-    gateway::api::SetPolicy,
+    gateway::{
+        api::{DeleteGlobalResult, SetPolicy, SetPolicyResult},
+        revisions::parse_global,
+    },
     policy::{self, MAX_POLICY_BYTES, PolicyErrors},
     store::{PolicyRevision, RevisionStatus},
 };
@@ -35,13 +43,23 @@ use crate::{
 pub const EXIT_TIMEOUT: u8 = 124;
 /// Longest single wait of `policy set --wait` for the gateway to settle the revision.
 const MAX_POLL: Duration = Duration::from_secs(10);
+/// How often `policy set --global --wait` asks whether its revision has settled.
+const GLOBAL_POLL: Duration = Duration::from_millis(20);
 /// Keys of the metadata header of `policy get --full`.
 const HEADER_KEYS: [&str; 3] = ["Version", "Hash", "Status"];
 
 #[derive(Debug, Args)]
 pub struct SetArgs {
     /// Sandbox name.
-    pub name: String,
+    #[arg(required_unless_present = "global", conflicts_with = "global")]
+    pub name: Option<String>,
+    /// Set the global policy: it replaces the network policy of every sandbox, existing and
+    /// new, until `policy delete --global` (the file may hold only `network_policies`).
+    #[arg(long)]
+    pub global: bool,
+    /// With --global: do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, requires = "global")]
+    pub yes: bool,
     /// The policy file (static sections may be omitted; if present they must be unchanged).
     #[arg(long)]
     pub policy: PathBuf,
@@ -63,7 +81,11 @@ pub enum GetFormat {
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// Sandbox name.
-    pub name: String,
+    #[arg(required_unless_present = "global", conflicts_with = "global")]
+    pub name: Option<String>,
+    /// Print the global policy instead.
+    #[arg(long)]
+    pub global: bool,
     /// Print the metadata header (version, hash, status) as YAML comments before the policy.
     #[arg(long)]
     pub full: bool,
@@ -78,10 +100,81 @@ pub struct GetArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Sandbox name.
-    pub name: String,
+    #[arg(required_unless_present = "global", conflicts_with = "global")]
+    pub name: Option<String>,
+    /// List the global policy's revisions instead.
+    #[arg(long)]
+    pub global: bool,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Delete the global policy (the only policy that can be deleted; a sandbox's revisions
+    /// are its history). Every sandbox returns to its own latest loaded policy.
+    #[arg(long, required = true)]
+    pub global: bool,
+}
+
+/// What a policy command works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope<'a> {
+    Sandbox(&'a str),
+    Global,
+}
+
+impl<'a> Scope<'a> {
+    fn new(name: Option<&'a str>, global: bool) -> Self {
+        match (name, global) {
+            (Some(name), false) => Self::Sandbox(name),
+            // clap makes NAME and --global exclusive and one of them required.
+            _ => Self::Global,
+        }
+    }
+
+    /// Prefix of the messages about this scope.
+    fn label(self) -> String {
+        match self {
+            Self::Sandbox(name) => format!("sandbox {name}"),
+            Self::Global => "global".to_owned(),
+        }
+    }
+
+    fn revisions(self, client: &Client) -> Result<Vec<PolicyRevision>, ClientError> {
+        match self {
+            Self::Sandbox(name) => client.policy_revisions(name),
+            Self::Global => client.global_revisions(),
+        }
+    }
+
+    /// Revision `version` once it is no longer pending or `wait` has passed. The gateway holds a
+    /// sandbox's request until then; the global revisions are polled.
+    fn revision_settled(
+        self,
+        client: &Client,
+        version: i64,
+        wait: Duration,
+    ) -> Result<Option<PolicyRevision>, ClientError> {
+        match self {
+            Self::Sandbox(name) => client.policy_revision(name, version, wait).map(Some),
+            Self::Global => {
+                std::thread::sleep(GLOBAL_POLL.min(wait));
+                Ok(client
+                    .global_revisions()?
+                    .into_iter()
+                    .find(|r| r.version == version))
+            }
+        }
+    }
+
+    fn submit(self, client: &Client, req: &SetPolicy) -> Result<SetPolicyResult, ClientError> {
+        match self {
+            Self::Sandbox(name) => client.set_policy(name, req),
+            Self::Global => client.set_global_policy(req),
+        }
+    }
 }
 
 fn is_header_line(line: &str) -> bool {
@@ -220,7 +313,32 @@ fn unreachable(e: &ClientError) -> bool {
     )
 }
 
+/// Asks on the terminal whether to replace every sandbox's network policy; refuses without a
+/// terminal. `Ok(true)` to go on.
+fn confirm_global(client: &Client, file: &str) -> std::io::Result<bool> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        eprintln!(
+            "error: refusing to set the global policy without confirmation (stdin is not a terminal): it replaces the network policy of every sandbox; pass --yes to confirm"
+        );
+        return Ok(false);
+    }
+    let count = client
+        .list()
+        .map_or_else(|_| "every".to_owned(), |l| format!("all {}", l.len()));
+    let mut err = std::io::stderr().lock();
+    write!(
+        err,
+        "The global policy from {file} replaces the network policy of {count} sandbox(es), and of every new one, until `openshell policy delete --global`. Continue? [y/N] "
+    )?;
+    err.flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
 pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
+    let scope = Scope::new(args.name.as_deref(), args.global);
     let source = args.policy.display().to_string();
     let text = match read_policy(&args.policy) {
         Ok(text) => comment_out_header(&text),
@@ -229,18 +347,30 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    if let Err(errors) = policy::parse(&source, &text) {
+    let parsed = match scope {
+        Scope::Sandbox(_) => policy::parse(&source, &text).map(drop),
+        Scope::Global => parse_global(&source, &text).map(drop),
+    };
+    if let Err(errors) = parsed {
         eprintln!("{errors}");
-        eprintln!("the policy of sandbox {:?} is unchanged", args.name);
+        match scope {
+            Scope::Sandbox(name) => eprintln!("the policy of sandbox {name:?} is unchanged"),
+            Scope::Global => eprintln!("the global policy is unchanged"),
+        }
         return Ok(ExitCode::FAILURE);
     }
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let client = Client::new(Paths::from_env())?;
+    if scope == Scope::Global && !args.yes && !confirm_global(&client, &source)? {
+        eprintln!("the global policy is unchanged");
+        return Ok(ExitCode::FAILURE);
+    }
     let request = SetPolicy {
         policy_source: source,
         policy: text,
     };
-    let result = match client.set_policy(&args.name, &request) {
+    let label = scope.label();
+    let result = match scope.submit(&client, &request) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -255,8 +385,7 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
     let rev = result.revision;
     if result.unchanged {
         println!(
-            "sandbox {}: policy unchanged (version {} {}, {})",
-            args.name,
+            "{label}: policy unchanged (version {} {}, {})",
             rev.version,
             hash(&rev),
             rev.status.as_str()
@@ -264,8 +393,7 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "sandbox {}: policy version {} {} {}",
-        args.name,
+        "{label}: policy version {} {} {}",
         rev.version,
         hash(&rev),
         rev.status.as_str()
@@ -278,8 +406,8 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .min(MAX_POLL);
-        let current = match client.policy_revision(&args.name, rev.version, wait) {
-            Ok(r) => Some(r),
+        let current = match scope.revision_settled(&client, rev.version, wait) {
+            Ok(r) => r,
             Err(e) if unreachable(&e) => {
                 eprintln!("error: {e}");
                 return Ok(ExitCode::from(EXIT_TIMEOUT));
@@ -288,16 +416,12 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         };
         match current.as_ref().map(|r| (r.status, r.error.as_deref())) {
             Some((RevisionStatus::Loaded | RevisionStatus::Superseded, _)) => {
-                println!(
-                    "sandbox {}: policy version {} loaded",
-                    args.name, rev.version
-                );
+                println!("{label}: policy version {} loaded", rev.version);
                 return Ok(ExitCode::SUCCESS);
             }
             Some((RevisionStatus::Failed, error)) => {
                 eprintln!(
-                    "sandbox {}: policy version {} failed to load; the previous policy stays in force:\n{}",
-                    args.name,
+                    "{label}: policy version {} failed to load; the previous policy stays in force:\n{}",
                     rev.version,
                     error.unwrap_or("(no error recorded)")
                 );
@@ -307,36 +431,44 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         }
         if Instant::now() >= deadline {
             eprintln!(
-                "sandbox {}: policy version {} still pending after {} s",
-                args.name, rev.version, args.timeout
+                "{label}: policy version {} still pending after {} s",
+                rev.version, args.timeout
             );
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
     }
 }
 
-fn revisions(name: &str) -> anyhow::Result<Vec<PolicyRevision>> {
+fn revisions(scope: Scope<'_>) -> anyhow::Result<Vec<PolicyRevision>> {
     let client = Client::new(Paths::from_env())?;
     client.ensure_running()?;
-    Ok(client.policy_revisions(name)?)
+    Ok(scope.revisions(&client)?)
 }
 
 pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
-    let revs = revisions(&args.name)?;
-    let rev = match args.rev {
-        Some(v) => revs.iter().find(|r| r.version == v),
-        None => revs
+    let scope = Scope::new(args.name.as_deref(), args.global);
+    let revs = revisions(scope)?;
+    let rev = match (args.rev, scope) {
+        (Some(v), _) => revs.iter().find(|r| r.version == v),
+        (None, Scope::Sandbox(_)) => revs
             .iter()
             .find(|r| r.status == RevisionStatus::Loaded)
             .or_else(|| revs.first()),
+        (None, Scope::Global) => revs.iter().find(|r| r.status == RevisionStatus::Loaded),
     };
     let Some(rev) = rev else {
-        anyhow::bail!(
-            "sandbox {:?} has no policy revision {} (see `openshell policy list {}`)",
-            args.name,
-            args.rev.unwrap_or(1),
-            args.name
-        );
+        match (scope, args.rev) {
+            (Scope::Sandbox(name), v) => anyhow::bail!(
+                "sandbox {name:?} has no policy revision {} (see `openshell policy list {name}`)",
+                v.unwrap_or(1),
+            ),
+            (Scope::Global, Some(v)) => anyhow::bail!(
+                "the global policy has no revision {v} (see `openshell policy list --global`)"
+            ),
+            (Scope::Global, None) => anyhow::bail!(
+                "no global policy is in force (see `openshell policy list --global` for past ones)"
+            ),
+        }
     };
     match (args.output, args.full) {
         (GetFormat::Json, _) => println!("{}", serde_json::to_string_pretty(rev)?),
@@ -347,12 +479,47 @@ pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let revs = revisions(&args.name)?;
+    let revs = revisions(Scope::new(args.name.as_deref(), args.global))?;
     match args.output {
         OutputFormat::Text => print!("{}", render_list(&revs)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&revs)?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `policy delete --global` prints.
+#[must_use]
+pub fn render_delete(result: &DeleteGlobalResult) -> String {
+    let Some(version) = result.deleted else {
+        return "no global policy is in force; nothing changed\n".to_owned();
+    };
+    let mut out = format!("global: policy version {version} deleted\n");
+    for (name, revision) in &result.restored {
+        let _ = writeln!(
+            out,
+            "sandbox {name}: back on its own policy version {revision}"
+        );
+    }
+    for (name, error) in &result.failed {
+        let _ = writeln!(
+            out,
+            "sandbox {name}: its own policy could not be put back (it keeps the deleted global policy until the gateway restarts): {error}"
+        );
+    }
+    out
+}
+
+/// `policy delete --global` (clap makes the flag required, so there is nothing else to read).
+pub fn delete(_args: &DeleteArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(Paths::from_env())?;
+    client.ensure_running()?;
+    let result = client.delete_global_policy()?;
+    print!("{}", render_delete(&result));
+    Ok(if result.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]
@@ -399,6 +566,30 @@ mod tests {
         2        sha256:222222222222  loaded      2026-11-18T11:08:40.000Z  -
         1        sha256:111111111111  superseded  2026-11-18T11:07:40.000Z  -
         ");
+    }
+
+    #[test]
+    fn delete_global_output() {
+        let nothing = DeleteGlobalResult {
+            deleted: None,
+            restored: vec![],
+            failed: vec![],
+        };
+        let done = DeleteGlobalResult {
+            deleted: Some(2),
+            restored: vec![("a".into(), 3), ("b".into(), 1)],
+            failed: vec![(
+                "c".into(),
+                "sandbox \"c\" is not attached to the proxy".into(),
+            )],
+        };
+        insta::assert_snapshot!(format!("{}{}", render_delete(&nothing), render_delete(&done)), @r#"
+            no global policy is in force; nothing changed
+            global: policy version 2 deleted
+            sandbox a: back on its own policy version 3
+            sandbox b: back on its own policy version 1
+            sandbox c: its own policy could not be put back (it keeps the deleted global policy until the gateway restarts): sandbox "c" is not attached to the proxy
+        "#);
     }
 
     #[test]

@@ -137,8 +137,9 @@ pub struct Sandboxes {
     trust: Mutex<HashMap<String, TrustSetup>>,
     attach: Option<Arc<dyn CgroupAttach>>,
     failpoint: Option<String>,
-    /// Serialises create and delete (cheap; they are rare).
-    lock: Mutex<()>,
+    /// Serialises create and delete (cheap; they are rare); global policy changes take it too,
+    /// so a sandbox created meanwhile gets the policy that is in force.
+    pub(super) lock: Mutex<()>,
     /// Serialises policy updates, so revisions are loaded in version order.
     pub(super) policy_lock: Mutex<()>,
     /// Bumped whenever a policy revision leaves `pending` (for `policy set --wait`).

@@ -19,6 +19,12 @@
 //! | `GET /v1/sandboxes/{name}/policy` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
 //! | `GET /v1/sandboxes/{name}/policy/{version}[?wait_ms=N]` | → [`crate::store::PolicyRevision`]; with `wait_ms`, once it is no longer `pending` or N ms passed |
 //! | `POST /v1/sandboxes/{name}/policy` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
+//! | `GET /v1/sandboxes/{name}/logs?n=N` | → `[`[`crate::store::DecisionRecord`]`]`, oldest first |
+//! | `GET /v1/sandboxes/{name}/log?...` | → [`api::LogResponse`] (query: [`api::LogRequest`]) |
+//! | `GET /v1/sandboxes/{name}/settings` | → [`api::SandboxSettings`] |
+//! | `GET /v1/policy/global` | → `[`[`crate::store::PolicyRevision`]`]`, newest first |
+//! | `PUT /v1/policy/global` | [`api::SetPolicy`] → [`api::SetPolicyResult`] ([`revisions`]) |
+//! | `DELETE /v1/policy/global` | → [`api::DeleteGlobalResult`] |
 //! | `POST /v1/sandboxes/{name}/exec` | [`api::ExecRequest`] with `Upgrade: openshell-exec/1` → 101 |
 //!
 //! Errors are 4xx/5xx with an [`api::ErrorBody`].
@@ -187,6 +193,7 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
     // proxy accepts only once every re-adopted sandbox has its policy in force: a connection
     // that arrives in between waits in the listen backlog instead of finding no sandbox.
     let network = crate::proxy::network::Network::start(config, store.clone())?;
+    let listening = network.listening().to_vec();
     let cas = trust::CaStore::open(paths.ca_dir())?;
     let sandboxes = Arc::new(Sandboxes::new(
         store,
@@ -246,6 +253,8 @@ pub fn run(paths: &Paths, config: &GatewayConfig) -> Result<(), GatewayError> {
     let state = server::State {
         sandboxes,
         paths: paths.clone(),
+        config: config.clone(),
+        listening,
     };
     let served = runtime.block_on(server::serve(listener, state));
     let _ = fs::remove_file(&socket);

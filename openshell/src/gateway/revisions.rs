@@ -6,19 +6,37 @@
 //! ([`super::CgroupAttach::load_policy`]). The revision ends `loaded` (the previous loaded one
 //! becomes `superseded`) or `failed` with the error, in which case the previous generation stays
 //! in force. Updates of all sandboxes are serialised, so revisions load in version order.
+//!
+//! # The global policy
+//!
+//! `policy set --global` records a revision of the global scope (the store's `sandbox: None`)
+//! and puts it in force, in full, in every sandbox (one atomic generation swap each, as above);
+//! sandboxes created while it is in force start with it ([`global_in_force`] is what the proxy
+//! attaches them with, also after a gateway restart). While it is in force, sandbox-level
+//! updates are refused. A global policy carries only `network_policies`: the static sections
+//! are fixed per sandbox at creation, so a global file that writes one is rejected
+//! ([`parse_global`]). `policy delete --global` marks it `superseded` and puts each sandbox's own
+//! newest loaded revision back in force. The global policy in force is simply the newest
+//! `loaded` revision of the global scope.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    api::{SetPolicy, SetPolicyResult},
+    api::{DeleteGlobalResult, EffectivePolicy, PolicySource, SetPolicy, SetPolicyResult},
     lifecycle::{LifecycleError, Sandboxes},
 };
 use crate::{
-    policy::{self, Policy},
-    store::{Phase, PolicyRevision, RevisionStatus, StoreError},
+    policy::{self, Policy, PolicyError, PolicyErrors},
+    store::{
+        EventKind, GatewayEvent, Phase, PolicyRevision, RevisionStatus, SandboxRecord, Store,
+        StoreError,
+    },
 };
+
+/// The source name of the global policy in the proxy's errors.
+pub const GLOBAL_SOURCE: &str = "global policy";
 
 /// Error of a revision the gateway recorded but stopped before loading.
 pub const STALE: &str = "the gateway stopped before loading this revision; the previous policy stayed in force (set it again)";
@@ -32,6 +50,10 @@ pub enum RevisionError {
         "sandbox {name:?}: static section `{section}` differs from the one the sandbox was created with; static sections are fixed at creation: leave `{section}` out of the file (or keep it as it was), or recreate the sandbox to change it"
     )]
     StaticChanged { name: String, section: &'static str },
+    #[error(
+        "sandbox {name:?}: a global policy (version {version}) is in force and replaces the network policy of every sandbox, so sandbox-level `policy set` is refused; remove it with `openshell policy delete --global` (each sandbox then returns to its own latest loaded policy) and set this one again"
+    )]
+    GlobalInForce { name: String, version: i64 },
     #[error(
         "sandbox {name:?} has no policy revision {version} (see `openshell policy list {name}`)"
     )]
@@ -54,6 +76,7 @@ impl RevisionError {
         match self {
             Self::Invalid(_) => ("invalid_policy", 400),
             Self::StaticChanged { .. } => ("static_policy_changed", 409),
+            Self::GlobalInForce { .. } => ("global_policy_in_force", 409),
             Self::NoSuchRevision { .. } | Self::Store(StoreError::NoSuchSandbox { .. }) => {
                 ("not_found", 404)
             }
@@ -104,7 +127,114 @@ fn changed_static_section(new: &Policy, creation: &Policy) -> Option<&'static st
     }
 }
 
+/// The global revision in force: the newest `loaded` revision of the global scope.
+pub fn global_in_force(store: &dyn Store) -> Result<Option<PolicyRevision>, StoreError> {
+    Ok(store
+        .revisions(None)?
+        .into_iter()
+        .find(|r| r.status == RevisionStatus::Loaded))
+}
+
+/// The revision of a sandbox's own that governs it when no global policy does: its newest
+/// `loaded` one, else (never loaded yet: created while a global policy was in force) its newest
+/// one that did not fail. `revisions` is newest first.
+fn own_in_force(revisions: &[PolicyRevision]) -> Option<&PolicyRevision> {
+    revisions
+        .iter()
+        .find(|r| r.status == RevisionStatus::Loaded)
+        .or_else(|| {
+            revisions
+                .iter()
+                .find(|r| r.status != RevisionStatus::Failed)
+        })
+}
+
+/// Where `key` starts as a top-level key of a block-style YAML document, for error positions
+/// (1-based; `(0, 0)` when it is not written that way).
+fn top_level_key_pos(text: &str, key: &str) -> (u64, u64) {
+    text.lines()
+        .position(|line| {
+            let rest = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .or_else(|| line.strip_prefix(&format!("'{key}'")));
+            rest.is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .map_or((0, 0), |i| (i as u64 + 1, 1))
+}
+
+/// Parses and validates a global policy file: a policy whose only section beside `version` is
+/// `network_policies`. Each static section it writes is an error at its line.
+pub fn parse_global(source: &str, text: &str) -> Result<Policy, PolicyErrors> {
+    let policy = policy::parse(source, text)?;
+    let written = [
+        ("filesystem_policy", policy.present.filesystem_policy),
+        ("landlock", policy.present.landlock),
+        ("process", policy.present.process),
+    ];
+    let errors: Vec<PolicyError> = written
+        .into_iter()
+        .filter(|(_, present)| *present)
+        .map(|(section, _)| {
+            let (line, column) = top_level_key_pos(text, section);
+            PolicyError {
+                file: source.to_owned(),
+                line,
+                column,
+                path: section.to_owned(),
+                message: format!(
+                    "`{section}` is a static section, and a global policy carries only `network_policies`"
+                ),
+                hint: Some(format!(
+                    "static sections are fixed per sandbox when it is created: remove `{section}` from the global policy file"
+                )),
+            }
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyErrors::new(errors))
+    }
+}
+
 impl Sandboxes {
+    /// Appends a gateway event; a store failure is reported on stderr only (the event log is
+    /// informational, the action it describes already happened).
+    pub(super) fn record_event(
+        &self,
+        sandbox: Option<&str>,
+        kind: EventKind,
+        revision: Option<i64>,
+        message: impl Into<String>,
+    ) {
+        let event = GatewayEvent {
+            time_ms: now_ms(),
+            sandbox: sandbox.map(str::to_owned),
+            kind,
+            revision,
+            message: message.into(),
+        };
+        if let Err(e) = self.store().append_event(&event) {
+            eprintln!("gateway: recording event {}: {e}", kind.as_str());
+        }
+    }
+
+    fn lifecycle_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn ready_sandboxes(&self) -> Result<Vec<SandboxRecord>, RevisionError> {
+        Ok(self
+            .store()
+            .sandboxes()?
+            .into_iter()
+            .filter(|r| r.phase == Phase::Ready)
+            .collect())
+    }
+
     fn ready_source(&self, name: &str) -> Result<String, RevisionError> {
         let rec = self
             .store()
@@ -190,6 +320,12 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let creation_source = self.ready_source(name)?;
+        if let Some(global) = global_in_force(self.store().as_ref())? {
+            return Err(RevisionError::GlobalInForce {
+                name: name.to_owned(),
+                version: global.version,
+            });
+        }
         let new = policy::parse(&req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
         // Only the two revisions needed, not every stored one: the cost of a reload must not
@@ -245,11 +381,235 @@ impl Sandboxes {
         self.store()
             .set_revision_status(Some(name), version, status, error)?;
         self.revision_settled();
-        match loaded {
-            Ok(()) => eprintln!("gateway: sandbox {name:?}: policy revision {version} loaded"),
-            Err(e) => eprintln!("gateway: sandbox {name:?}: policy revision {version} failed: {e}"),
+        let (kind, message) = match loaded {
+            Ok(()) => (
+                EventKind::PolicyLoaded,
+                format!("policy revision {version} loaded"),
+            ),
+            Err(e) => (
+                EventKind::PolicyFailed,
+                format!("policy revision {version} failed; the previous one stays in force: {e}"),
+            ),
+        };
+        eprintln!("gateway: sandbox {name:?}: {message}");
+        self.record_event(Some(name), kind, Some(version), message);
+        Ok(())
+    }
+
+    /// Puts sandbox `rec`'s own policy back in force ([`own_in_force`]) and marks it loaded.
+    fn restore_own(&self, rec: &SandboxRecord) -> Result<i64, String> {
+        let revisions = self
+            .store()
+            .revisions(Some(&rec.name))
+            .map_err(|e| e.to_string())?;
+        let rev = own_in_force(&revisions).ok_or("it has no policy revision that did not fail")?;
+        if let Some(network) = self.network() {
+            let policy = Self::parse_stored(&rec.name, &rec.policy_source, rev)
+                .map_err(|e| e.to_string())?;
+            network.load_policy(&rec.name, &policy, rev.version)?;
+        }
+        if rev.status != RevisionStatus::Loaded {
+            self.store()
+                .set_revision_status(Some(&rec.name), rev.version, RevisionStatus::Loaded, None)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(rev.version)
+    }
+
+    /// Validates `req` as a global policy ([`parse_global`]), records it as a new global
+    /// revision, hands the result to `recorded`, then puts it in force in every sandbox. If a
+    /// sandbox cannot take it, the sandboxes already switched go back to what they had and the
+    /// revision is marked failed: it is in force everywhere or nowhere.
+    pub fn set_global_policy(
+        &self,
+        req: &SetPolicy,
+        recorded: impl FnOnce(SetPolicyResult),
+    ) -> Result<(), RevisionError> {
+        let _policy = self
+            .policy_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = parse_global(&req.policy_source, &req.policy)
+            .map_err(|e| RevisionError::Invalid(e.to_string()))?;
+        let (canonical, sha256) = canonical_sha256(&new, &req.policy_source)?;
+        let previous = global_in_force(self.store().as_ref())?;
+        if let Some(current) = &previous {
+            let in_force = parse_global(GLOBAL_SOURCE, &current.policy).map_err(|e| {
+                RevisionError::Corrupt {
+                    name: GLOBAL_SOURCE.to_owned(),
+                    version: current.version,
+                    message: e.to_string(),
+                }
+            })?;
+            if canonical_sha256(&in_force, GLOBAL_SOURCE)?.0 == canonical {
+                recorded(SetPolicyResult {
+                    unchanged: true,
+                    revision: current.clone(),
+                });
+                return Ok(());
+            }
+        }
+        // No sandbox is created or deleted while the policy changes under them.
+        let _lifecycle = self.lifecycle_guard();
+        let rev = self
+            .store()
+            .add_revision(None, &req.policy, &sha256, now_ms())?;
+        let version = rev.version;
+        recorded(SetPolicyResult {
+            unchanged: false,
+            revision: rev,
+        });
+        let sandboxes = self.ready_sandboxes()?;
+        let mut failure = None;
+        let mut switched = Vec::new();
+        if let Some(network) = self.network() {
+            for rec in &sandboxes {
+                match network.load_policy(&rec.name, &new, version) {
+                    Ok(()) => switched.push(rec),
+                    Err(e) => {
+                        failure = Some(format!("sandbox {:?} could not take it: {e}", rec.name));
+                        break;
+                    }
+                }
+            }
+        }
+        if let (Some(_), Some(network)) = (&failure, self.network()) {
+            for rec in switched {
+                let back = match &previous {
+                    Some(g) => parse_global(GLOBAL_SOURCE, &g.policy)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| network.load_policy(&rec.name, &p, g.version))
+                        .map(|()| g.version),
+                    None => self.restore_own(rec),
+                };
+                if let Err(e) = back {
+                    eprintln!(
+                        "gateway: sandbox {:?}: putting its previous policy back: {e}",
+                        rec.name
+                    );
+                }
+            }
+        }
+        let (status, kind, message) = match &failure {
+            None => (
+                RevisionStatus::Loaded,
+                EventKind::GlobalPolicyLoaded,
+                format!(
+                    "global policy revision {version} loaded into {} sandbox(es)",
+                    sandboxes.len()
+                ),
+            ),
+            Some(e) => (
+                RevisionStatus::Failed,
+                EventKind::GlobalPolicyFailed,
+                format!("global policy revision {version} failed; nothing changed: {e}"),
+            ),
+        };
+        self.store()
+            .set_revision_status(None, version, status, failure.as_deref())?;
+        eprintln!("gateway: {message}");
+        self.record_event(None, kind, Some(version), message);
+        Ok(())
+    }
+
+    /// Removes the global policy: marks its revision superseded and puts each sandbox's own
+    /// policy back in force. Nothing to do when none is in force.
+    pub fn delete_global_policy(&self) -> Result<DeleteGlobalResult, RevisionError> {
+        let _policy = self
+            .policy_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _lifecycle = self.lifecycle_guard();
+        let mut result = DeleteGlobalResult {
+            deleted: None,
+            restored: Vec::new(),
+            failed: Vec::new(),
+        };
+        let Some(current) = global_in_force(self.store().as_ref())? else {
+            return Ok(result);
+        };
+        // Superseded first: a gateway that stops half-way restarts every sandbox on its own.
+        self.store().set_revision_status(
+            None,
+            current.version,
+            RevisionStatus::Superseded,
+            None,
+        )?;
+        result.deleted = Some(current.version);
+        for rec in self.ready_sandboxes()? {
+            match self.restore_own(&rec) {
+                Ok(version) => result.restored.push((rec.name, version)),
+                Err(e) => {
+                    eprintln!(
+                        "gateway: sandbox {:?}: restoring its own policy: {e}",
+                        rec.name
+                    );
+                    result.failed.push((rec.name, e));
+                }
+            }
+        }
+        let message = format!(
+            "global policy revision {} deleted; {} sandbox(es) back on their own policy",
+            current.version,
+            result.restored.len()
+        );
+        eprintln!("gateway: {message}");
+        self.record_event(
+            None,
+            EventKind::GlobalPolicyDeleted,
+            Some(current.version),
+            message,
+        );
+        Ok(result)
+    }
+
+    /// Every revision of the global policy, newest first.
+    pub fn global_revisions(&self) -> Result<Vec<PolicyRevision>, RevisionError> {
+        Ok(self.store().revisions(None)?)
+    }
+
+    /// Marks global revisions that a previous gateway recorded but never loaded as failed.
+    pub(super) fn fail_stale_global(&self) -> Result<(), RevisionError> {
+        for rev in self.store().revisions(None)? {
+            if rev.status == RevisionStatus::Pending {
+                self.store().set_revision_status(
+                    None,
+                    rev.version,
+                    RevisionStatus::Failed,
+                    Some(STALE),
+                )?;
+                eprintln!(
+                    "gateway: global policy revision {} was never loaded; marked failed",
+                    rev.version
+                );
+            }
         }
         Ok(())
+    }
+
+    /// The network policy revision that governs sandbox `name`.
+    pub fn effective_policy(&self, name: &str) -> Result<EffectivePolicy, RevisionError> {
+        self.ready_source(name)?;
+        let own = self.store().revisions(Some(name))?;
+        let own = own_in_force(&own);
+        let (source, rev) = match global_in_force(self.store().as_ref())? {
+            Some(global) => (PolicySource::Global, global),
+            None => (
+                PolicySource::Sandbox,
+                own.cloned().ok_or(RevisionError::NoSuchRevision {
+                    name: name.to_owned(),
+                    version: 1,
+                })?,
+            ),
+        };
+        Ok(EffectivePolicy {
+            source,
+            revision: rev.version,
+            sha256: rev.sha256,
+            status: rev.status,
+            created_ms: rev.created_ms,
+            sandbox_revision: own.map(|r| r.version),
+        })
     }
 }
 
@@ -289,6 +649,47 @@ network_policies:
         let a = canonical_sha256(&with_creation_statics(network_only, &creation), "x").unwrap();
         let b = canonical_sha256(&with_creation_statics(creation.clone(), &creation), "x").unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_global_policy_carries_only_network_policies() {
+        let errors = parse_global("g.yaml", CREATION).unwrap_err().to_string();
+        insta::assert_snapshot!(errors, @r"g.yaml:2:1: error: `filesystem_policy` is a static section, and a global policy carries only `network_policies`; static sections are fixed per sandbox when it is created: remove `filesystem_policy` from the global policy file (at filesystem_policy)");
+        let both = format!(
+            "{CREATION}\"process\":\n  run_as_user: nobody\nlandlock:\n  compatibility: best_effort\n"
+        );
+        insta::assert_snapshot!(parse_global("g.yaml", &both).unwrap_err().to_string(), @r"
+            g.yaml:2:1: error: `filesystem_policy` is a static section, and a global policy carries only `network_policies`; static sections are fixed per sandbox when it is created: remove `filesystem_policy` from the global policy file (at filesystem_policy)
+            g.yaml:10:1: error: `process` is a static section, and a global policy carries only `network_policies`; static sections are fixed per sandbox when it is created: remove `process` from the global policy file (at process)
+            g.yaml:12:1: error: `landlock` is a static section, and a global policy carries only `network_policies`; static sections are fixed per sandbox when it is created: remove `landlock` from the global policy file (at landlock)
+        ");
+        let network_only = CREATION.replace("filesystem_policy:\n  read_only: [/usr]\n", "");
+        assert_eq!(
+            parse_global("g.yaml", &network_only).unwrap().network.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn own_policy_in_force_is_the_newest_loaded_else_the_newest_that_did_not_fail() {
+        let rev = |version, status| PolicyRevision {
+            sandbox: Some("a".into()),
+            version,
+            sha256: String::new(),
+            policy: String::new(),
+            status,
+            error: None,
+            created_ms: 0,
+        };
+        let revs = [
+            rev(3, RevisionStatus::Failed),
+            rev(2, RevisionStatus::Loaded),
+            rev(1, RevisionStatus::Superseded),
+        ];
+        assert_eq!(own_in_force(&revs).map(|r| r.version), Some(2));
+        let never_loaded = [rev(1, RevisionStatus::Pending)];
+        assert_eq!(own_in_force(&never_loaded).map(|r| r.version), Some(1));
+        assert!(own_in_force(&[rev(1, RevisionStatus::Failed)]).is_none());
     }
 
     #[test]

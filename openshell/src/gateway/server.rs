@@ -27,14 +27,20 @@ use tokio::{
 
 use super::{
     api::{
-        CreateSandbox, EXEC_UPGRADE, ErrorBody, ExecEvent, ExecRequest, GatewayStatus, SetPolicy,
+        CreateSandbox, EXEC_UPGRADE, ErrorBody, ExecEvent, ExecRequest, GatewaySettings,
+        GatewayStatus, LaunchEnforcement, LogRequest, LogResponse, SandboxSettings, SetPolicy,
+        StaticEnforcement,
     },
-    launch::{LaunchRequest, LaunchStdio, launch},
+    launch::{LaunchRequest, LaunchStdio, StaticConfig, launch},
     lifecycle::{LifecycleError, Sandboxes},
     revisions::RevisionError,
     wire::{EventReader, open_pty, send_event},
 };
-use crate::{config::Paths, store::RevisionStatus};
+use crate::{
+    config::{GatewayConfig, Paths},
+    sandbox::EnforcementReport,
+    store::{EventKind, LogQuery, RevisionStatus},
+};
 
 /// Largest request body (policies are at most 4 MiB).
 const MAX_BODY: usize = 8 << 20;
@@ -43,6 +49,9 @@ const MAX_BODY: usize = 8 << 20;
 pub(super) struct State {
     pub sandboxes: Arc<Sandboxes>,
     pub paths: Paths,
+    pub config: GatewayConfig,
+    /// The addresses the proxy listens on.
+    pub listening: Vec<std::net::SocketAddr>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -52,6 +61,25 @@ pub(super) async fn serve(
     state: State,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
+    let s = Arc::clone(&state.sandboxes);
+    let started = tokio::task::spawn_blocking(move || {
+        if let Err(e) = s.fail_stale_global() {
+            eprintln!("gateway: checking the global policy revisions: {e}");
+        }
+        s.record_event(
+            None,
+            EventKind::GatewayStarted,
+            None,
+            format!(
+                "gateway started (pid {}, version {})",
+                std::process::id(),
+                env!("CARGO_PKG_VERSION")
+            ),
+        );
+    });
+    if let Err(e) = started.await {
+        eprintln!("gateway: start-up bookkeeping failed: {e}");
+    }
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -163,9 +191,18 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
         (&Method::POST, ["v1", "sandboxes"]) => match body_json::<CreateSandbox>(req).await {
             Ok(body) => {
                 let s = Arc::clone(&state.sandboxes);
-                blocking(move || s.create(&body))
-                    .await
-                    .map(|info| json(StatusCode::CREATED, &info))
+                blocking(move || {
+                    let info = s.create(&body)?;
+                    s.record_event(
+                        Some(&info.name),
+                        EventKind::SandboxCreated,
+                        None,
+                        format!("sandbox created (policy from {})", info.policy_source),
+                    );
+                    Ok(info)
+                })
+                .await
+                .map(|info| json(StatusCode::CREATED, &info))
             }
             Err(resp) => Err(resp),
         },
@@ -177,9 +214,18 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
         }
         (&Method::DELETE, ["v1", "sandboxes", name]) => {
             let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
-            blocking(move || s.delete(&name))
-                .await
-                .map(|()| json(StatusCode::OK, &serde_json::json!({})))
+            blocking(move || {
+                s.delete(&name)?;
+                s.record_event(
+                    Some(&name),
+                    EventKind::SandboxDeleted,
+                    None,
+                    "sandbox deleted",
+                );
+                Ok(())
+            })
+            .await
+            .map(|()| json(StatusCode::OK, &serde_json::json!({})))
         }
         (&Method::GET, ["v1", "sandboxes", name, "logs"]) => {
             let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
@@ -187,6 +233,27 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
             blocking(move || s.decisions(&name, limit))
                 .await
                 .map(|records| json(StatusCode::OK, &records))
+        }
+        (&Method::GET, ["v1", "sandboxes", name, "log"]) => {
+            let name = (*name).to_owned();
+            log(&state, name, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, ["v1", "sandboxes", name, "settings"]) => {
+            let name = (*name).to_owned();
+            settings(&state, name).await
+        }
+        (&Method::GET, ["v1", "policy", "global"]) => {
+            let s = Arc::clone(&state.sandboxes);
+            revision_call(move || s.global_revisions())
+                .await
+                .map(|revisions| json(StatusCode::OK, &revisions))
+        }
+        (&Method::PUT, ["v1", "policy", "global"]) => set_global_policy(&state, req).await,
+        (&Method::DELETE, ["v1", "policy", "global"]) => {
+            let s = Arc::clone(&state.sandboxes);
+            revision_call(move || s.delete_global_policy())
+                .await
+                .map(|result| json(StatusCode::OK, &result))
         }
         (&Method::GET, ["v1", "sandboxes", name, "policy"]) => {
             let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
@@ -299,6 +366,148 @@ async fn set_policy(state: &State, name: String, req: Request<Incoming>) -> Resu
         Ok(Err(e)) => Err(revision_error(&e)),
         Ok(Ok(())) => Err(error(500, "internal", "the policy update recorded nothing")),
         Err(e) => Err(error(500, "internal", format!("gateway task failed: {e}"))),
+    }
+}
+
+/// Like [`set_policy`], for the global policy.
+async fn set_global_policy(state: &State, req: Request<Incoming>) -> Result<Resp, Resp> {
+    let body: SetPolicy = body_json(req).await?;
+    let s = Arc::clone(&state.sandboxes);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        let result = s.set_global_policy(&body, |recorded| {
+            let _ = tx.send(recorded);
+        });
+        if let Err(e) = &result {
+            eprintln!("gateway: global policy update: {e}");
+        }
+        result
+    });
+    if let Ok(recorded) = rx.await {
+        return Ok(json(StatusCode::OK, &recorded));
+    }
+    match task.await {
+        Ok(Err(e)) => Err(revision_error(&e)),
+        Ok(Ok(())) => Err(error(500, "internal", "the policy update recorded nothing")),
+        Err(e) => Err(error(500, "internal", format!("gateway task failed: {e}"))),
+    }
+}
+
+/// Most rows of each log one `log` request returns.
+const MAX_LOG_ROWS: usize = crate::cli::logs::MAX_LINES;
+
+async fn log(state: &State, name: String, query: &str) -> Result<Resp, Resp> {
+    let req =
+        LogRequest::from_query(query, MAX_LOG_ROWS).map_err(|e| error(400, "bad_request", e))?;
+    let s = Arc::clone(&state.sandboxes);
+    blocking(move || {
+        if s.store().sandbox(&name)?.is_none() {
+            return Err(LifecycleError::NotFound { name });
+        }
+        let query = |after_id| LogQuery {
+            after_id,
+            since_ms: req.since_ms,
+            limit: req.limit,
+        };
+        let decisions = if req.source.decisions() {
+            Some(s.store().decision_page(&name, &query(req.after_decision))?)
+        } else {
+            None
+        };
+        let events = if req.source.events() {
+            Some(s.store().event_page(&name, &query(req.after_event))?)
+        } else {
+            None
+        };
+        Ok(LogResponse { decisions, events })
+    })
+    .await
+    .map(|page| json(StatusCode::OK, &page))
+}
+
+async fn settings(state: &State, name: String) -> Result<Resp, Resp> {
+    let s = Arc::clone(&state.sandboxes);
+    let n = name.clone();
+    let policy = revision_call(move || s.effective_policy(&n)).await?;
+    let s = Arc::clone(&state.sandboxes);
+    let n = name.clone();
+    let record = blocking(move || {
+        s.store()
+            .sandbox(&n)?
+            .ok_or(LifecycleError::NotFound { name: n })
+    })
+    .await?;
+    let config: StaticConfig = serde_json::from_str(&record.static_policy).map_err(|e| {
+        error(
+            500,
+            "internal",
+            format!("sandbox {name:?}: stored static policy does not parse: {e}"),
+        )
+    })?;
+    let launch = record
+        .report
+        .as_deref()
+        .and_then(|r| serde_json::from_str::<EnforcementReport>(r).ok())
+        .map(|r| LaunchEnforcement {
+            landlock_abi: r.landlock.abi,
+            landlock_status: r.landlock.status,
+            landlock_scoped: r.landlock.scoped,
+            landlock_skipped: r
+                .landlock
+                .skipped
+                .iter()
+                .map(|p| format!("{}: {}", p.path.display(), p.reason))
+                .collect(),
+            seccomp_enabled: r.seccomp.enabled,
+            seccomp_blocked: r.seccomp.blocked.len(),
+            seccomp_foreign_arch: r.seccomp.foreign_arch,
+            no_new_privs: r.no_new_privs,
+            uid: r.identity.uid,
+            gid: r.identity.gid,
+            warnings: r.warnings,
+        });
+    Ok(json(
+        StatusCode::OK,
+        &SandboxSettings {
+            sandbox: name,
+            policy,
+            static_enforcement: StaticEnforcement {
+                landlock_compatibility: config.compatibility,
+                run_as_user: config.run_as_user,
+                run_as_group: config.run_as_group,
+                launch,
+            },
+            gateway: gateway_settings(state),
+        },
+    ))
+}
+
+fn gateway_settings(state: &State) -> GatewaySettings {
+    let config = &state.config;
+    GatewaySettings {
+        state_dir: state.paths.state_dir.display().to_string(),
+        socket: state.paths.socket().display().to_string(),
+        socket_group: config.gateway.socket_group.clone(),
+        cgroup_base: state.sandboxes.cgroup_base().display().to_string(),
+        dns_upstream: config
+            .dns_upstreams()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        dns_upstream_from: if config.dns.upstream.is_empty() {
+            "/etc/resolv.conf".to_owned()
+        } else {
+            "config".to_owned()
+        },
+        dns_listen: config.dns.listen.to_string(),
+        transparent_listen: config.proxy.transparent_listen.to_string(),
+        listening: state.listening.iter().map(ToString::to_string).collect(),
+        extra_roots: config
+            .tls
+            .extra_roots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
     }
 }
 

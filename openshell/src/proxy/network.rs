@@ -159,11 +159,23 @@ impl Network {
         &self.listening
     }
 
-    /// The policy generation for sandbox `name`: its newest loaded revision (a restarted
+    /// The policy generation for sandbox `name`: the global policy when one is in force, else
+    /// its newest loaded revision (a restarted
     /// gateway restores what was in force), else its newest revision that did not fail (the
     /// creation policy). A revision loaded for the first time is marked `loaded`, or `failed`
     /// with the error.
     fn generation(&self, name: &str) -> Result<Generation, String> {
+        // A global policy in force governs every sandbox, new or re-adopted.
+        if let Some(global) = crate::gateway::revisions::global_in_force(self.store.as_ref())
+            .map_err(|e| e.to_string())?
+        {
+            return Generation::from_text(
+                crate::gateway::revisions::GLOBAL_SOURCE,
+                &global.policy,
+                global.version,
+            )
+            .map_err(|e| e.to_string());
+        }
         let revisions = self
             .store
             .revisions(Some(name))

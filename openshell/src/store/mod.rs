@@ -166,6 +166,86 @@ pub struct DecisionRecord {
     pub revision: Option<i64>,
 }
 
+/// Something the gateway did that an operator may want to see beside the decision log: a
+/// policy revision loaded or failed, the global policy set or deleted, a sandbox created or
+/// deleted, the gateway started. Kept when its sandbox is deleted (a short audit trail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayEvent {
+    pub time_ms: i64,
+    /// The sandbox it concerns; `None` for gateway-wide events (they show in every sandbox's
+    /// log).
+    pub sandbox: Option<String>,
+    /// Machine-readable kind, e.g. `policy_loaded` (see [`EventKind`]).
+    pub kind: EventKind,
+    /// The policy revision concerned, if any (a global one for `global_policy_*`).
+    pub revision: Option<i64>,
+    /// One line for humans.
+    pub message: String,
+}
+
+/// The kinds of [`GatewayEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    GatewayStarted,
+    SandboxCreated,
+    SandboxDeleted,
+    PolicyLoaded,
+    PolicyFailed,
+    GlobalPolicyLoaded,
+    GlobalPolicyFailed,
+    GlobalPolicyDeleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GatewayStarted => "gateway_started",
+            Self::SandboxCreated => "sandbox_created",
+            Self::SandboxDeleted => "sandbox_deleted",
+            Self::PolicyLoaded => "policy_loaded",
+            Self::PolicyFailed => "policy_failed",
+            Self::GlobalPolicyLoaded => "global_policy_loaded",
+            Self::GlobalPolicyFailed => "global_policy_failed",
+            Self::GlobalPolicyDeleted => "global_policy_deleted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            Self::GatewayStarted,
+            Self::SandboxCreated,
+            Self::SandboxDeleted,
+            Self::PolicyLoaded,
+            Self::PolicyFailed,
+            Self::GlobalPolicyLoaded,
+            Self::GlobalPolicyFailed,
+            Self::GlobalPolicyDeleted,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// Which rows of a log to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogQuery {
+    /// Only rows with a larger id, oldest first (following a log). Without it: the newest
+    /// `limit` rows, oldest first.
+    pub after_id: Option<i64>,
+    /// Only rows at or after this Unix time in milliseconds.
+    pub since_ms: Option<i64>,
+    pub limit: usize,
+}
+
+/// Rows of a log, each with its id, oldest first, and the cursor to follow the log from:
+/// the largest id returned, else `after_id`, else the newest id of the log (0 when empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPage<T> {
+    pub rows: Vec<(i64, T)>,
+    pub last_id: i64,
+}
+
 /// The gateway's storage. Implementations must make every call atomic and durable on return.
 pub trait Store: Send + Sync {
     /// Records a new sandbox in phase `Creating` with policy revision 1 (`pending`).
@@ -210,4 +290,18 @@ pub trait Store: Send + Sync {
     fn append_decisions(&self, decisions: &[DecisionRecord]) -> Result<(), StoreError>;
     /// The newest `limit` decisions of a sandbox, oldest first.
     fn decisions(&self, sandbox: &str, limit: usize) -> Result<Vec<DecisionRecord>, StoreError>;
+    /// Decisions of a sandbox selected by `query`.
+    fn decision_page(
+        &self,
+        sandbox: &str,
+        query: &LogQuery,
+    ) -> Result<LogPage<DecisionRecord>, StoreError>;
+
+    fn append_event(&self, event: &GatewayEvent) -> Result<(), StoreError>;
+    /// Events of a sandbox and the gateway-wide ones, selected by `query`.
+    fn event_page(
+        &self,
+        sandbox: &str,
+        query: &LogQuery,
+    ) -> Result<LogPage<GatewayEvent>, StoreError>;
 }

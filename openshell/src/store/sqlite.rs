@@ -16,12 +16,13 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    DecisionRecord, NewSandbox, Phase, PolicyRevision, RevisionStatus, SandboxRecord, Store,
-    StoreError,
+    DecisionRecord, EventKind, GatewayEvent, LogPage, LogQuery, NewSandbox, Phase, PolicyRevision,
+    RevisionStatus, SandboxRecord, Store, StoreError,
 };
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE sandboxes (
     id             INTEGER PRIMARY KEY,
     name           TEXT NOT NULL UNIQUE,
@@ -65,7 +66,20 @@ CREATE TABLE decisions (
     revision    INTEGER
 );
 CREATE INDEX decisions_sandbox_time ON decisions (sandbox, time_ms);
-"];
+",
+    r"
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
+    time_ms     INTEGER NOT NULL,
+    sandbox     TEXT, -- NULL: gateway-wide
+    kind        TEXT NOT NULL,
+    revision    INTEGER,
+    message     TEXT NOT NULL
+);
+CREATE INDEX events_sandbox_id ON events (sandbox, id);
+CREATE INDEX decisions_sandbox_id ON decisions (sandbox, id);
+",
+];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -489,40 +503,157 @@ impl Store for SqliteStore {
     }
 
     fn decisions(&self, sandbox: &str, limit: usize) -> Result<Vec<DecisionRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT time_ms, sandbox, decision, binary, pid, ancestors, host, ip, port, block,
-                        reason, revision
-                 FROM decisions WHERE sandbox = ?1 ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(sql("reading decision log"))?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map(params![sandbox, limit], |r| {
-                let ancestors: String = r.get(5)?;
-                Ok(DecisionRecord {
-                    time_ms: r.get(0)?,
-                    sandbox: r.get(1)?,
-                    decision: r.get(2)?,
-                    binary: r.get(3)?,
-                    pid: r.get(4)?,
-                    ancestors: serde_json::from_str(&ancestors).unwrap_or_default(),
-                    host: r.get(6)?,
-                    ip: r.get(7)?,
-                    port: r.get(8)?,
-                    block: r.get(9)?,
-                    reason: r.get(10)?,
-                    revision: r.get(11)?,
-                })
-            })
-            .map_err(sql("reading decision log"))?;
-        let mut out = rows
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql("reading decision log"))?;
-        out.reverse();
-        Ok(out)
+        let page = self.decision_page(
+            sandbox,
+            &LogQuery {
+                limit,
+                ..LogQuery::default()
+            },
+        )?;
+        Ok(page.rows.into_iter().map(|(_, d)| d).collect())
     }
+
+    fn decision_page(
+        &self,
+        sandbox: &str,
+        query: &LogQuery,
+    ) -> Result<LogPage<DecisionRecord>, StoreError> {
+        let conn = self.conn();
+        page(
+            &conn,
+            "SELECT id, time_ms, sandbox, decision, binary, pid, ancestors, host, ip, port, block,
+                    reason, revision
+             FROM decisions WHERE sandbox = ?1",
+            "SELECT ifnull(max(id), 0) FROM decisions WHERE sandbox = ?1",
+            sandbox,
+            query,
+            |r| {
+                let ancestors: String = r.get(6)?;
+                Ok(DecisionRecord {
+                    time_ms: r.get(1)?,
+                    sandbox: r.get(2)?,
+                    decision: r.get(3)?,
+                    binary: r.get(4)?,
+                    pid: r.get(5)?,
+                    ancestors: serde_json::from_str(&ancestors).unwrap_or_default(),
+                    host: r.get(7)?,
+                    ip: r.get(8)?,
+                    port: r.get(9)?,
+                    block: r.get(10)?,
+                    reason: r.get(11)?,
+                    revision: r.get(12)?,
+                })
+            },
+            "reading decision log",
+        )
+    }
+
+    fn append_event(&self, event: &GatewayEvent) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO events (time_ms, sandbox, kind, revision, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    event.time_ms,
+                    event.sandbox,
+                    event.kind.as_str(),
+                    event.revision,
+                    event.message
+                ],
+            )
+            .map_err(sql("logging gateway event"))?;
+        Ok(())
+    }
+
+    fn event_page(
+        &self,
+        sandbox: &str,
+        query: &LogQuery,
+    ) -> Result<LogPage<GatewayEvent>, StoreError> {
+        let conn = self.conn();
+        let page = page(
+            &conn,
+            "SELECT id, time_ms, sandbox, kind, revision, message
+             FROM events WHERE (sandbox = ?1 OR sandbox IS NULL)",
+            "SELECT ifnull(max(id), 0) FROM events WHERE (sandbox = ?1 OR sandbox IS NULL)",
+            sandbox,
+            query,
+            |r| {
+                Ok((
+                    GatewayEvent {
+                        time_ms: r.get(1)?,
+                        sandbox: r.get(2)?,
+                        kind: EventKind::GatewayStarted,
+                        revision: r.get(4)?,
+                        message: r.get(5)?,
+                    },
+                    r.get::<_, String>(3)?,
+                ))
+            },
+            "reading gateway events",
+        )?;
+        let rows = page
+            .rows
+            .into_iter()
+            .map(|(id, (mut event, kind))| {
+                event.kind = EventKind::parse(&kind).ok_or(StoreError::Corrupt {
+                    what: "events.kind",
+                    value: kind,
+                })?;
+                Ok((id, event))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(LogPage {
+            rows,
+            last_id: page.last_id,
+        })
+    }
+}
+
+/// Reads a page of a log table: `select` must return the id first and end in a `WHERE` clause
+/// on `?1` (the sandbox); `max_id` returns the newest id of the same rows.
+fn page<T>(
+    conn: &Connection,
+    select: &str,
+    max_id: &str,
+    sandbox: &str,
+    query: &LogQuery,
+    row: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
+    action: &'static str,
+) -> Result<LogPage<T>, StoreError> {
+    let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+    let since = query.since_ms.unwrap_or(i64::MIN);
+    let map = |r: &Row<'_>| Ok((r.get::<_, i64>(0)?, row(r)?));
+    let mut rows = match query.after_id {
+        Some(after) => conn
+            .prepare_cached(&format!(
+                "{select} AND time_ms >= ?2 AND id > ?3 ORDER BY id ASC LIMIT ?4"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![sandbox, since, after, limit], map)?
+                    .collect::<Result<Vec<_>, _>>()
+            }),
+        None => conn
+            .prepare_cached(&format!(
+                "{select} AND time_ms >= ?2 ORDER BY id DESC LIMIT ?3"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![sandbox, since, limit], map)?
+                    .collect::<Result<Vec<_>, _>>()
+            }),
+    }
+    .map_err(sql(action))?;
+    if query.after_id.is_none() {
+        rows.reverse();
+    }
+    let last_id = match (rows.last(), query.after_id) {
+        (Some((id, _)), _) => *id,
+        (None, Some(after)) => after,
+        (None, None) => conn
+            .query_row(max_id, [sandbox], |r| r.get(0))
+            .map_err(sql(action))?,
+    };
+    Ok(LogPage { rows, last_id })
 }
 
 #[cfg(test)]
@@ -668,6 +799,111 @@ mod tests {
             ]
         );
         assert_eq!(store.revisions(None).unwrap().len(), 1);
+    }
+
+    fn decision(sandbox: &str, time_ms: i64, reason: &str) -> DecisionRecord {
+        DecisionRecord {
+            time_ms,
+            sandbox: sandbox.into(),
+            decision: "deny".into(),
+            binary: None,
+            pid: None,
+            ancestors: vec![],
+            host: Some("example.com".into()),
+            ip: None,
+            port: Some(443),
+            block: None,
+            reason: reason.into(),
+            revision: Some(1),
+        }
+    }
+
+    fn reasons<T>(page: &LogPage<T>, f: impl Fn(&T) -> &str) -> Vec<String> {
+        page.rows.iter().map(|(_, r)| f(r).to_owned()).collect()
+    }
+
+    #[test]
+    fn decision_pages_newest_since_and_after_a_cursor() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        store.insert_sandbox(&new("b")).unwrap();
+        let all: Vec<_> = (1..=5)
+            .map(|i| decision("a", i * 1000, &format!("a{i}")))
+            .chain([decision("b", 2500, "b1")])
+            .collect();
+        store.append_decisions(&all).unwrap();
+        let q = |after_id, since_ms, limit| LogQuery {
+            after_id,
+            since_ms,
+            limit,
+        };
+        let reason = |d: &DecisionRecord| d.reason.clone();
+        let newest = store.decision_page("a", &q(None, None, 2)).unwrap();
+        assert_eq!(reasons(&newest, |d| &d.reason), ["a4", "a5"]);
+        assert_eq!(newest.last_id, newest.rows[1].0);
+        let since = store.decision_page("a", &q(None, Some(3000), 100)).unwrap();
+        assert_eq!(reasons(&since, |d| &d.reason), ["a3", "a4", "a5"]);
+        // Following: oldest first after the cursor, at most `limit`.
+        let first_id = store.decision_page("a", &q(None, None, 5)).unwrap().rows[0].0;
+        let after = store
+            .decision_page("a", &q(Some(first_id), None, 2))
+            .unwrap();
+        assert_eq!(reasons(&after, |d| &d.reason), ["a2", "a3"]);
+        let rest = store
+            .decision_page("a", &q(Some(after.last_id), None, 100))
+            .unwrap();
+        assert_eq!(reasons(&rest, |d| &d.reason), ["a4", "a5"]);
+        // Nothing new: the cursor stays; an empty log answers its newest id.
+        let none = store
+            .decision_page("a", &q(Some(rest.last_id), None, 100))
+            .unwrap();
+        assert!(none.rows.is_empty());
+        assert_eq!(none.last_id, rest.last_id);
+        let zero = store
+            .decision_page("a", &q(None, Some(99_999), 10))
+            .unwrap();
+        assert!(zero.rows.is_empty());
+        assert_eq!(zero.last_id, rest.last_id);
+        assert_eq!(
+            store
+                .decisions("b", 10)
+                .unwrap()
+                .iter()
+                .map(reason)
+                .collect::<Vec<_>>(),
+            ["b1"]
+        );
+    }
+
+    #[test]
+    fn events_of_a_sandbox_include_gateway_wide_ones_and_outlive_it() {
+        let (_dir, store) = open();
+        store.insert_sandbox(&new("a")).unwrap();
+        let event = |time_ms, sandbox: Option<&str>, kind, message: &str| GatewayEvent {
+            time_ms,
+            sandbox: sandbox.map(str::to_owned),
+            kind,
+            revision: None,
+            message: message.into(),
+        };
+        store
+            .append_event(&event(1, None, EventKind::GatewayStarted, "up"))
+            .unwrap();
+        store
+            .append_event(&event(2, Some("a"), EventKind::SandboxCreated, "a created"))
+            .unwrap();
+        store
+            .append_event(&event(3, Some("b"), EventKind::SandboxCreated, "b created"))
+            .unwrap();
+        let all = LogQuery {
+            limit: 10,
+            ..LogQuery::default()
+        };
+        let page = store.event_page("a", &all).unwrap();
+        assert_eq!(reasons(&page, |e| &e.message), ["up", "a created"]);
+        assert_eq!(page.rows[1].1.kind, EventKind::SandboxCreated);
+        store.delete_sandbox("a").unwrap();
+        assert_eq!(store.event_page("a", &all).unwrap().rows.len(), 2);
     }
 
     #[test]
