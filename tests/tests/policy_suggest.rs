@@ -2,7 +2,9 @@
 //! programs and a DNS + HTTPS test host: two connections are denied (a binary missing from a
 //! block, an endpoint no block has), `policy suggest` prints the blocks that would allow them,
 //! the operator pastes them into the pulled policy, `policy set --wait` loads it, and the same
-//! commands then succeed. `term` refuses to start without a gateway or without a terminal.
+//! commands then succeed; an inspected request no rule allows gets a rule for its method and
+//! path. `term` runs on a real pty (screen, keys, the terminal restored) and refuses to start
+//! without a gateway or without a terminal.
 
 #![expect(
     clippy::unwrap_used,
@@ -23,7 +25,12 @@ use nix::{
     sys::termios::{LocalFlags, tcgetattr},
 };
 
-use openshell_tests::gateway::{Run, TestGateway};
+use openshell_tests::{
+    dns::TestDns,
+    gateway::{Run, TestGateway},
+    netns::TestNet,
+    upstream::{TestCa, Upstream},
+};
 use proxy_support::{TestHost, privileged};
 
 fn gateway_for(host: &TestHost) -> TestGateway {
@@ -90,15 +97,21 @@ fn curl(gw: &TestGateway, url: &str) -> Run {
     .unwrap()
 }
 
-/// Polls `logs -o json` (bounded) until `count` decisions match `pred`.
+/// Polls `logs -o json` of sandbox `sugg` (bounded) until `count` decisions match `pred`.
 fn wait_for_denials(gw: &TestGateway, count: usize, pred: impl Fn(&serde_json::Value) -> bool) {
+    wait_for_denials_of(gw, "sugg", count, pred);
+}
+
+/// Polls `logs -o json` of sandbox `name` (bounded) until `count` decisions match `pred`.
+fn wait_for_denials_of(
+    gw: &TestGateway,
+    name: &str,
+    count: usize,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let run = gw
-            .run(&["logs", "sugg", "-o", "json"])
-            .unwrap()
-            .ok()
-            .unwrap();
+        let run = gw.run(&["logs", name, "-o", "json"]).unwrap().ok().unwrap();
         let found = run
             .stdout
             .lines()
@@ -376,6 +389,148 @@ fn suggested_blocks_allow_what_was_denied() {
         term.stderr
             .contains("openshell term needs a terminal on stdin and stdout"),
         "{term:?}"
+    );
+}
+
+/// The seed's `github_repos` block for organisation `acme`, for curl as well.
+fn github_policy() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/github_repos.yaml"),
+    )
+    .unwrap()
+    .replace("<org_name>", "acme")
+    .replace(
+        "      - { path: /usr/bin/gh }\n",
+        "      - { path: /usr/bin/gh }\n      - { path: /usr/bin/curl }\n",
+    )
+}
+
+/// An inspected request no rule allows: the suggestion adds a rule for exactly its method and
+/// path, and once loaded that request reaches the upstream while a neighbour stays denied.
+#[test]
+fn a_denied_request_gets_a_rule() {
+    if !privileged() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = runtime.enter();
+    let net = TestNet::new().unwrap();
+    let dns = TestDns::start_in(&net).unwrap();
+    let ca = TestCa::new().unwrap();
+    let upstream = Upstream::start(&net, &ca, &["api.github.com"]).unwrap();
+    dns.add("api.github.com", net.ns_v4().into());
+    let gw = TestGateway::new().unwrap();
+    let test_ca = gw.dir.path().join("test-ca.pem");
+    std::fs::write(&test_ca, &ca.cert_pem).unwrap();
+    std::fs::write(
+        &gw.config,
+        format!(
+            "[gateway]\ncgroup_base = \"{}\"\n\
+             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n\
+             [tls]\nextra_roots = [\"{}\"]\n",
+            gw.cgroup_base,
+            dns.addr(),
+            test_ca.display()
+        ),
+    )
+    .unwrap();
+    let policy = gw.dir.path().join("github.yaml");
+    std::fs::write(&policy, github_policy()).unwrap();
+    let delete = |name: &str, path: &str| -> String {
+        let url = format!("https://api.github.com/repos/acme/{path}");
+        let args = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+            &url,
+        ];
+        let run = if name.is_empty() {
+            let mut all = vec![
+                "sandbox",
+                "create",
+                "--name",
+                "gh",
+                "--policy",
+                policy.to_str().unwrap(),
+                "--",
+            ];
+            all.extend(args);
+            gw.run(&all).unwrap()
+        } else {
+            let mut all = vec!["sandbox", "exec", name, "--"];
+            all.extend(args);
+            gw.run(&all).unwrap()
+        };
+        assert_eq!(run.code, Some(0), "{run:?}");
+        run.stdout
+    };
+    assert_eq!(delete("", "bravo-repo/issues/7"), "403");
+    wait_for_denials_of(&gw, "gh", 1, |l| {
+        l["decision"] == "deny" && l["reason"].as_str().unwrap_or("").starts_with("DELETE ")
+    });
+
+    let suggested = gw.run(&["policy", "suggest", "gh"]).unwrap().ok().unwrap();
+    let block = block_of(&suggested.stdout, "github_repos");
+    assert!(
+        suggested.stdout.contains(
+            "  # replaces block github_repos: adds rule DELETE /repos/acme/bravo-repo/issues/7 to api.github.com:443\n"
+        ),
+        "{suggested:?}"
+    );
+    assert!(
+        block.ends_with(
+            "          - allow:\n              method: DELETE\n              path: \"/repos/acme/bravo-repo/issues/7\"\n    binaries:\n      - { path: /usr/local/bin/claude }\n      - { path: /usr/bin/gh }\n      - { path: /usr/bin/curl }\n"
+        ),
+        "{block}"
+    );
+
+    // `github_repos` is the policy's last block: the suggestion replaces it to the end.
+    let got = gw
+        .run(&["policy", "get", "gh", "--full"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    let start = got.stdout.find("  github_repos:\n").unwrap();
+    let file = gw.dir.path().join("p.yaml");
+    std::fs::write(&file, format!("{}{block}", &got.stdout[..start])).unwrap();
+    let set = gw
+        .run(&[
+            "policy",
+            "set",
+            "gh",
+            "--policy",
+            file.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(set.code, Some(0), "{set:?}");
+
+    upstream.clear();
+    assert_eq!(delete("gh", "bravo-repo/issues/7"), "200");
+    assert_eq!(delete("gh", "bravo-repo/issues/8"), "403");
+    let seen: Vec<(String, String)> = upstream
+        .seen()
+        .into_iter()
+        .map(|s| (s.method, s.target))
+        .collect();
+    assert_eq!(
+        seen,
+        [(
+            "DELETE".to_owned(),
+            "/repos/acme/bravo-repo/issues/7".to_owned()
+        )]
     );
 }
 

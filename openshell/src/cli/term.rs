@@ -150,6 +150,9 @@ pub struct State {
     policies: HashMap<String, (i64, Result<Arc<Policy>, String>)>,
     /// The block (or explanation) shown for the selected group.
     pub suggestion: String,
+    /// What `suggestion` was computed from (group, its count, policy version): suggesting
+    /// compiles the policy, so it is redone only when one of them changes.
+    suggested_for: Option<(GroupKey, usize, i64)>,
     /// The last poll's time, or its error.
     pub status: String,
 }
@@ -294,20 +297,27 @@ impl State {
 
     fn refresh_suggestion(&mut self) {
         let Some(group) = self.selected_index().and_then(|i| self.groups.get(i)) else {
+            self.suggested_for = None;
             self.suggestion = "no denial seen yet".to_owned();
             return;
         };
         let (version, policy) = match self.policies.get(&group.key.sandbox) {
             Some((v, Ok(p))) => (*v, p),
             Some((v, Err(e))) => {
+                self.suggested_for = None;
                 self.suggestion = format!("# policy version {v} does not parse: {e}\n");
                 return;
             }
             None => {
+                self.suggested_for = None;
                 self.suggestion = "# the sandbox has no policy revision\n".to_owned();
                 return;
             }
         };
+        let basis = (group.key.clone(), group.count, version);
+        if self.suggested_for.as_ref() == Some(&basis) {
+            return;
+        }
         let denials: Vec<Denial> = group
             .denials
             .iter()
@@ -323,6 +333,7 @@ impl State {
                 s.render()
             )
         };
+        self.suggested_for = Some(basis);
     }
 }
 
@@ -404,9 +415,9 @@ pub fn draw(frame: &mut Frame<'_>, state: &State) {
         rows,
         [
             Constraint::Length(6),
-            Constraint::Fill(1),
             Constraint::Fill(2),
-            Constraint::Fill(2),
+            Constraint::Fill(3),
+            Constraint::Fill(4),
             Constraint::Length(8),
         ],
     )
@@ -743,6 +754,51 @@ network_policies:
         state.poll_failed("no gateway is running");
         assert_eq!(state.status, "gateway unreachable: no gateway is running");
         assert_eq!(state.groups.len(), 2);
+    }
+
+    #[test]
+    fn the_suggestion_follows_the_selection_across_sandboxes() {
+        let mut broken = revision(4);
+        broken.policy = "version: 1\nnetwork_policies: [\n".into();
+        let mut snap = snapshot(history());
+        snap[1].revision = Some(broken);
+        snap[1].records = vec![record(
+            T0 + 9000,
+            "/usr/bin/npm",
+            "registry.npmjs.org",
+            443,
+            "x",
+        )];
+        let mut state = State::default();
+        state.update(snap, T0 + 10_000);
+        assert_eq!(state.groups[0].key.sandbox, "idle-box");
+        assert!(
+            state
+                .suggestion
+                .starts_with("# policy version 4 does not parse: "),
+            "{}",
+            state.suggestion
+        );
+        state.handle_key(key(KeyCode::Down));
+        assert!(
+            state.suggestion.contains("github_com:"),
+            "{}",
+            state.suggestion
+        );
+        state.handle_key(key(KeyCode::Up));
+        assert!(
+            state
+                .suggestion
+                .starts_with("# policy version 4 does not parse"),
+            "{}",
+            state.suggestion
+        );
+        state.handle_key(key(KeyCode::Down));
+        assert!(
+            state.suggestion.contains("github_com:"),
+            "{}",
+            state.suggestion
+        );
     }
 
     #[test]

@@ -625,6 +625,21 @@ fn verify(
             }
         }
     }
+    // Which dropped block would have allowed what, to say why a denial stays uncovered.
+    let drafted = (!bad.is_empty()).then(|| {
+        let keys: Vec<String> = work.blocks.keys().cloned().collect();
+        (work.compile(current), keys)
+    });
+    let why_uncovered = |d: &Denial| -> String {
+        let dropped = drafted.as_ref().and_then(|(compiled, keys)| {
+            let key = keys.get(decide(compiled, d).endpoint?.block as usize)?;
+            Some(format!(
+                "the suggested block {key} was dropped: {}",
+                bad.get(key)?
+            ))
+        });
+        dropped.unwrap_or_else(|| "no block found that allows it".to_owned())
+    };
     for key in bad.keys() {
         work.changes.remove(key);
         match current.network.get(key) {
@@ -632,12 +647,6 @@ fn verify(
             None => work.blocks.remove(key),
         };
     }
-    let not_found = if bad.is_empty() {
-        "no block found that allows it".to_owned()
-    } else {
-        let list: Vec<String> = bad.iter().map(|(k, why)| format!("{k}: {why}")).collect();
-        format!("the suggested block was dropped ({})", list.join("; "))
-    };
     let before = current.compile();
     let compiled = work.compile(current);
     let keys: Vec<&String> = work.blocks.keys().collect();
@@ -662,7 +671,7 @@ fn verify(
                     denial: (*d).clone(),
                 });
             }
-            _ => impossible.push(((*d).clone(), not_found.clone())),
+            _ => impossible.push(((*d).clone(), why_uncovered(d))),
         }
     }
     for (key, change) in std::mem::take(&mut work.changes) {
