@@ -20,7 +20,7 @@ use clap::Args;
 
 use super::{logs::MAX_LINES, revisions::comment_out_header};
 use crate::{
-    client::Client,
+    client::{Client, ClientError},
     config::Paths,
     policy::{self, Denial, DeniedRequest, Policy, Suggestions},
     store::{DecisionRecord, PolicyRevision, RevisionStatus},
@@ -48,6 +48,15 @@ pub fn in_force(revisions: &[PolicyRevision]) -> Option<&PolicyRevision> {
         .iter()
         .find(|r| r.status == RevisionStatus::Loaded)
         .or_else(|| revisions.first())
+}
+
+/// The global policy's revision when one is in force: it then governs every sandbox, whatever
+/// the sandbox's own revisions say.
+pub fn global_in_force(client: &Client) -> Result<Option<PolicyRevision>, ClientError> {
+    Ok(client
+        .global_revisions()?
+        .into_iter()
+        .find(|r| r.status == RevisionStatus::Loaded))
 }
 
 /// Parses a stored revision (its metadata header, if any, is a comment).
@@ -166,7 +175,8 @@ pub fn load(
     let revisions = client
         .policy_revisions(name)
         .with_context(|| format!("reading the policy of sandbox {name:?}"))?;
-    let Some(rev) = in_force(&revisions).cloned() else {
+    let global = global_in_force(client).context("reading the global policy")?;
+    let Some(rev) = global.or_else(|| in_force(&revisions).cloned()) else {
         anyhow::bail!("sandbox {name:?} has no policy revision");
     };
     let policy = revision_policy(name, &rev)?;
@@ -177,6 +187,14 @@ pub fn run(args: &SuggestArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(Paths::from_env())?;
     client.ensure_running()?;
     let (records, rev, current) = load(&client, &args.name, args.lines, args.since)?;
+    // `load` judged the denials against the global policy if one is in force.
+    if global_in_force(&client)?.is_some() {
+        eprintln!(
+            "note: the global policy (version {}) governs every sandbox; add these blocks to it \
+             (`openshell policy get --global --full`, then `openshell policy set --global`)",
+            rev.version
+        );
+    }
     let denials: Vec<Denial> = records.iter().filter_map(denial_from_record).collect();
     let suggestions = policy::suggest(&current, &denials);
     print!(

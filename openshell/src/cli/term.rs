@@ -489,11 +489,13 @@ fn now_ms() -> i64 {
 /// One poll: every sandbox with its revision in force and newest decisions.
 fn poll(client: &Client, lines: usize) -> Result<Vec<SandboxSnapshot>, crate::client::ClientError> {
     let mut out = Vec::new();
+    // A global policy in force governs every sandbox.
+    let global = super::suggest::global_in_force(client)?;
     for info in client.list()? {
         let name = info.name.clone();
         // A sandbox deleted between the list and these calls is simply left out.
         let revision = match client.policy_revisions(&name) {
-            Ok(revs) => in_force(&revs).cloned(),
+            Ok(revs) => global.clone().or_else(|| in_force(&revs).cloned()),
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         };
