@@ -11,6 +11,8 @@
 //!   GET on one kept-alive inspected HTTP connection, alternately without reloads and while
 //!   another thread reloads a 1,000-block policy back and forth; rounds alternate so that load
 //!   from other processes hits both alike. Printed as a table (median, p99, max).
+//! - Reload steps: parse + validate, canonical form + SHA-256 and compile of the same policies,
+//!   timed in this process, to show where the time of `set_to_loaded` goes.
 //!
 //! Bounded in count and time.
 
@@ -67,7 +69,55 @@ fn main() -> anyhow::Result<()> {
         .find(|a| !a.starts_with('-'))
         .is_some_and(|f| !"latency_during_reloads".contains(f.as_str()));
     if !filtered_out {
+        breakdown(&bench)?;
         latency_during_reloads(&bench)?;
+    }
+    Ok(())
+}
+
+/// Where the time of one reload goes, step by step in this process (median of a few runs):
+/// the steps the CLI and the gateway run on the policy text.
+fn breakdown(bench: &Bench) -> anyhow::Result<()> {
+    const RUNS: usize = 5;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\nreload steps in process, median of {RUNS} runs (the CLI validates once, the gateway once more)"
+    )?;
+    writeln!(
+        out,
+        "| blocks | bytes | parse + validate | canonical form + SHA-256 | compile |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
+    for blocks in [10, 1_000, 10_000] {
+        let path = bench.policy_file(&format!("steps-{blocks}.yaml"), blocks, false)?;
+        let text = std::fs::read_to_string(&path)?;
+        let mut steps = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            let policy = openshell::policy::parse("steps.yaml", &text)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            steps[0].push(t.elapsed());
+            let t = Instant::now();
+            let canonical = policy.to_canonical_yaml()?;
+            std::hint::black_box(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
+            steps[1].push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(policy.compile());
+            steps[2].push(t.elapsed());
+        }
+        let median = |v: &mut Vec<Duration>| {
+            v.sort_unstable();
+            v[v.len() / 2].as_secs_f64() * 1e3
+        };
+        writeln!(
+            out,
+            "| {blocks} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            text.len(),
+            median(&mut steps[0]),
+            median(&mut steps[1]),
+            median(&mut steps[2])
+        )?;
     }
     Ok(())
 }
@@ -158,6 +208,9 @@ network_policies:
 
 fn set_to_loaded(c: &mut Criterion, bench: &Bench) {
     let mut group = c.benchmark_group("set_to_loaded");
+    // One `policy set` takes up to a second at 10,000 blocks: a fixed number of iterations per
+    // sample rather than criterion's growing counts.
+    group.sampling_mode(criterion::SamplingMode::Flat);
     for blocks in [10, 1_000, 10_000] {
         let files = [
             bench.policy_file(&format!("{blocks}-a.yaml"), blocks, false),

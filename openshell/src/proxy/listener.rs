@@ -12,7 +12,8 @@
 //! 5. Denied: reset (RST) and log. Allowed: log, dial exactly the validated original address,
 //!    relay until either side ends or a new policy generation no longer allows it.
 //!    Allowed to a `protocol: rest` endpoint: hand the connection to [`inspect::serve`], which
-//!    decides each HTTP request by the generation current at that moment and logs it here too.
+//!    decides each HTTP request by the generation current at that moment and logs it here too;
+//!    the connection is reset when a new generation no longer allows it.
 //!
 //! DNS listener (UDP): the sandbox is found from the datagram's source socket (sock_diag), and
 //! the policy DNS answers.
