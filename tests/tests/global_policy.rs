@@ -158,6 +158,21 @@ fn masked_logs(run: &Run, gw: &TestGateway, host: &TestHost) -> String {
         .join("\n")
 }
 
+/// `openshell ARGS` on a pseudo-terminal (util-linux `script`), answering `answer` to what it
+/// asks.
+fn on_a_terminal(gw: &TestGateway, args: &str, answer: &[u8]) -> Run {
+    let mut cmd = std::process::Command::new("script");
+    cmd.env("OPENSHELL_STATE_DIR", gw.state_dir())
+        .env("OPENSHELL_GATEWAY_CONFIG", &gw.config)
+        .env_remove("OPENSHELL_FAILPOINT")
+        .args([
+            "-qec",
+            &format!("{} {args}", openshell_tests::openshell_bin().display()),
+            "/dev/null",
+        ]);
+    openshell_tests::gateway::run_with_timeout(cmd, answer, Duration::from_secs(60)).unwrap()
+}
+
 /// A `logs --tail` process whose stdout lines arrive on a channel.
 struct Tail {
     child: Child,
@@ -274,6 +289,23 @@ fn global_policy_overrides_every_sandbox_and_gives_way() {
         error: refusing to set the global policy without confirmation (stdin is not a terminal): it replaces the network policy of every sandbox; pass --yes to confirm
         the global policy is unchanged
     ");
+    // On a terminal it asks; anything but yes changes nothing.
+    let run = on_a_terminal(
+        &gw,
+        &format!("policy set --global --policy {global}"),
+        b"n\n",
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "The global policy from {global} replaces the network policy of all 1 sandbox(es), and of every new one, until `openshell policy delete --global`. Continue? [y/N]"
+        )),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("the global policy is unchanged"),
+        "{run:?}"
+    );
     let list = gw
         .run(&["policy", "list", "--global"])
         .unwrap()
@@ -337,12 +369,13 @@ fn global_policy_overrides_every_sandbox_and_gives_way() {
     );
     reaches(&gw, &host, "a", false, true, "after-invalid");
 
-    // The same policy again: unchanged, no new revision.
-    let run = gw
-        .run(&["policy", "set", "--global", "--yes", "--policy", &global])
-        .unwrap()
-        .ok()
-        .unwrap();
+    // The same policy again, confirmed on a terminal: unchanged, no new revision.
+    let run = on_a_terminal(
+        &gw,
+        &format!("policy set --global --policy {global}"),
+        b"y\n",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
     assert!(
         run.stdout.contains("global: policy unchanged (version 1"),
         "{run:?}"
