@@ -553,7 +553,9 @@ struct OcsfNetworkActivity<'a> {
     src_endpoint: OcsfSrc<'a>,
     dst_endpoint: OcsfDst<'a>,
     connection_info: OcsfConnection,
-    actor: OcsfActor<'a>,
+    /// Absent for DNS refusals (no process is known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor: Option<OcsfActor<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     firewall_rule: Option<OcsfRule<'a>>,
     metadata: OcsfMetadata,
@@ -640,7 +642,7 @@ pub fn ocsf_line(r: &DecisionRecord) -> serde_json::Result<String> {
             direction_id: 2,
             direction: "Outbound",
         },
-        actor: OcsfActor {
+        actor: (r.pid.is_some() || r.binary.is_some()).then(|| OcsfActor {
             process: OcsfProcess {
                 pid: r.pid,
                 file: r.binary.as_deref().map(OcsfFile::new),
@@ -648,7 +650,7 @@ pub fn ocsf_line(r: &DecisionRecord) -> serde_json::Result<String> {
                     file: OcsfFile::new(a),
                 }),
             },
-        },
+        }),
         firewall_rule: r.block.as_deref().map(|name| OcsfRule {
             name,
             version: r.revision.map(|v| v.to_string()),
@@ -903,6 +905,14 @@ mod tests {
             serde_json::json!({"ip": "198.18.0.10", "port": 443})
         );
         assert!(v["actor"]["process"].get("parent_process").is_none());
+        let dns = DecisionRecord {
+            binary: None,
+            pid: None,
+            ancestors: vec![],
+            ..denied()
+        };
+        let v: serde_json::Value = serde_json::from_str(&ocsf_line(&dns).unwrap()).unwrap();
+        assert!(v.get("actor").is_none(), "{v}");
         // One line per event.
         assert!(!deny.contains('\n'));
     }
