@@ -510,3 +510,75 @@ async fn audit_mode_forwards_and_logs_would_deny() {
         format!("would deny: DELETE {path} not permitted by block github_repos")
     );
 }
+
+/// The raw cases over HTTP/2: one multiplexed connection carries concurrent streams, each
+/// decided by itself; an `:authority` naming another host gets 421, a denied stream 403, and
+/// only the allowed ones reach upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_are_checked_one_by_one() {
+    if skip_unless_root() {
+        return;
+    }
+    let h = Harness::start(&example_policy("github_repos.yaml"), GH, GH_BIN)
+        .await
+        .expect("harness");
+    let tls = h.tls(GH, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let alpha_x = repo("alpha-repo", "/x");
+    let cases = [
+        ("GET", format!("https://{GH}/zen"), 200),
+        (
+            "DELETE",
+            format!("https://{GH}{}", repo("bravo-repo", "")),
+            403,
+        ),
+        ("DELETE", format!("https://evil.example{alpha_x}"), 421),
+        ("DELETE", format!("https://{GH}:8443{alpha_x}"), 421),
+        (
+            "DELETE",
+            format!("https://{GH}{}", repo("alpha-repo", "/..%3B/../bravo-repo")),
+            403,
+        ),
+        ("DELETE", format!("https://{GH}{alpha_x}"), 200),
+    ];
+    let requests = cases.iter().map(|(method, uri, _)| {
+        let mut sender = sender.clone();
+        let req = hyper::Request::builder()
+            .method(*method)
+            .uri(uri.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        async move {
+            let resp =
+                tokio::time::timeout(std::time::Duration::from_secs(20), sender.send_request(req))
+                    .await
+                    .expect("answered within 20 s")
+                    .expect("a response");
+            resp.status().as_u16()
+        }
+    });
+    let mut handles = Vec::new();
+    for request in requests {
+        handles.push(tokio::spawn(request));
+    }
+    let mut statuses = Vec::new();
+    for handle in handles {
+        statuses.push(handle.await.expect("join"));
+    }
+    let expected: Vec<u16> = cases.iter().map(|(_, _, s)| *s).collect();
+    assert_eq!(statuses, expected);
+    let mut arrived = h.arrived();
+    arrived.sort();
+    assert_eq!(
+        arrived,
+        vec![format!("DELETE {alpha_x}"), "GET /zen".to_owned()]
+    );
+    assert!(h.upstream.seen().iter().all(|s| s.version == "HTTP/2.0"));
+}
