@@ -172,7 +172,7 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::ServerName(ctx.host.to_string()))?;
     if !is_tls {
         let h2 = first[..n] == H2_PREFACE[..n] && n > 3;
-        let conn = Conn::new(ctx, None, false, server_name);
+        let conn = Conn::new(ctx, None, false, h2, server_name);
         return serve_http(TokioIo::new(client), h2, conn).await;
     }
     let acceptor =
@@ -191,7 +191,7 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
         .map_err(InspectError::Handshake)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Conn::new(ctx, sni, true, server_name);
+    let conn = Conn::new(ctx, sni, true, h2, server_name);
     serve_http(TokioIo::new(tls), h2, conn).await
 }
 
@@ -264,6 +264,7 @@ impl Conn {
         ctx: InspectContext,
         sni: Option<String>,
         tls: bool,
+        h2: bool,
         server_name: ServerName<'static>,
     ) -> Self {
         let sni_mismatch = sni.filter(|s| *s != *ctx.host);
@@ -271,6 +272,14 @@ impl Conn {
             ctx.upstream.clone().into(),
             tls.then(|| (Arc::clone(&ctx.upstream_tls), server_name)),
         );
+        // An HTTP/1.1 client sends one request at a time, so one kept-alive HTTP/1.1 upstream
+        // connection serves it, and costs less per request than an h2 stream. h2 clients
+        // multiplex, and get h2 upstream when the upstream offers it.
+        let connector = if h2 {
+            connector
+        } else {
+            connector.http1_only()
+        };
         let client = Client::builder(TokioExecutor::new()).build(connector.clone());
         Self {
             ctx,
