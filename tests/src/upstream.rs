@@ -56,7 +56,8 @@ impl TestCa {
         })
     }
 
-    fn server_config(&self, names: &[&str]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    /// A server config with a leaf for `names` signed by this CA (ALPN h2, http/1.1).
+    pub fn server_config(&self, names: &[&str]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let key = KeyPair::generate()?;
         let params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;

@@ -221,9 +221,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guard<I> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let fresh = buf.filled()[before..].to_vec();
-            this.feed(&fresh);
+        if let Poll::Ready(Ok(())) = polled
+            && !matches!(this.state, State::Done)
+        {
+            this.feed(&buf.filled()[before..]);
         }
         polled
     }

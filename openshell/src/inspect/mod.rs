@@ -17,8 +17,16 @@
 //! - The upstream is dialed only at the addresses the L4 proxy validated (never the name's or
 //!   the client's choice), over TLS when the client side was TLS.
 //!
-//! Limits: protocol upgrades (WebSocket, h2c) and CONNECT inside an inspected endpoint are
-//! denied with 403; no rule can allow them yet.
+//! - A WebSocket upgrade (HTTP/1.1 `GET` with `Upgrade: websocket`) is decided as that `GET`.
+//!   Allowed, it goes upstream on an HTTP/1.1 connection of its own; after the upstream's `101`
+//!   both streams are relayed byte for byte until either side closes. Any other answer is passed
+//!   on and the connection closes.
+//!
+//! Limits: CONNECT, h2c and any other upgrade inside an inspected endpoint are denied with 403
+//! and the connection closed; the policy has no rule form that names them (a rule's `path` cannot
+//! match CONNECT's authority-form target). WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is
+//! not offered: the h2 server does not advertise it, so clients fall back to HTTP/1.1. A relayed
+//! WebSocket stream is not re-checked when the policy changes.
 
 mod framing;
 mod upstream;
@@ -27,7 +35,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -164,7 +172,7 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::ServerName(ctx.host.to_string()))?;
     if !is_tls {
         let h2 = first[..n] == H2_PREFACE[..n] && n > 3;
-        let conn = Conn::new(ctx, None, false, server_name);
+        let conn = Conn::new(ctx, None, false, h2, server_name);
         return serve_http(TokioIo::new(client), h2, conn).await;
     }
     let acceptor =
@@ -183,7 +191,7 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
         .map_err(InspectError::Handshake)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Conn::new(ctx, sni, true, server_name);
+    let conn = Conn::new(ctx, sni, true, h2, server_name);
     serve_http(TokioIo::new(tls), h2, conn).await
 }
 
@@ -230,6 +238,7 @@ where
         });
         hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
+            .with_upgrades()
             .await
     };
     served.map_err(InspectError::Http)
@@ -242,6 +251,9 @@ struct Conn {
     sni_mismatch: Option<String>,
     scheme: &'static str,
     client: Client<upstream::Connector, Incoming>,
+    connector: upstream::Connector,
+    /// HTTP/1.1-only twin of `connector`, made on the first upgrade.
+    upgrade_connector: OnceLock<upstream::Connector>,
     /// HTTP/1: the framing guard's verdict and the index of the next request to serve.
     framing: Option<framing::Verdicts>,
     next_request: AtomicU64,
@@ -252,6 +264,7 @@ impl Conn {
         ctx: InspectContext,
         sni: Option<String>,
         tls: bool,
+        h2: bool,
         server_name: ServerName<'static>,
     ) -> Self {
         let sni_mismatch = sni.filter(|s| *s != *ctx.host);
@@ -259,12 +272,22 @@ impl Conn {
             ctx.upstream.clone().into(),
             tls.then(|| (Arc::clone(&ctx.upstream_tls), server_name)),
         );
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        // An HTTP/1.1 client sends one request at a time, so one kept-alive HTTP/1.1 upstream
+        // connection serves it, and costs less per request than an h2 stream. h2 clients
+        // multiplex, and get h2 upstream when the upstream offers it.
+        let connector = if h2 {
+            connector
+        } else {
+            connector.http1_only()
+        };
+        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
         Self {
             ctx,
             sni_mismatch,
             scheme: if tls { "https" } else { "http" },
             client,
+            connector,
+            upgrade_connector: OnceLock::new(),
             framing: None,
             next_request: AtomicU64::new(0),
         }
@@ -301,31 +324,25 @@ impl Conn {
         };
         let method = req.method().as_str().to_owned();
         let generation = self.ctx.policy.current();
-        let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
-        let decision = (!tunnel).then(|| self.decide(&generation, &method, &target));
-        let Some(decision) = decision else {
-            let what = if req.method() == Method::CONNECT {
-                "CONNECT".to_owned()
-            } else {
-                let up = req
-                    .headers()
-                    .get(header::UPGRADE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("?");
-                format!("an upgrade to {up:?}")
-            };
-            let reason = format!("{what} inside an inspected endpoint is not permitted");
-            self.log(
-                &generation,
-                &method,
-                &target,
-                Verdict::Deny,
-                false,
-                None,
-                &reason,
-            );
-            return self.forbidden(None, reason);
+        let tunnel = match Tunnel::of(&req) {
+            Ok(tunnel) => tunnel,
+            Err(what) => {
+                // Whatever follows such a request on the connection is not known to be HTTP,
+                // so the connection closes after the 403.
+                let reason = format!("{what} inside an inspected endpoint is not permitted");
+                self.log(
+                    &generation,
+                    &method,
+                    &target,
+                    Verdict::Deny,
+                    false,
+                    None,
+                    &reason,
+                );
+                return self.forbidden(None, reason, req.version() != Version::HTTP_2);
+            }
         };
+        let decision = self.decide(&generation, &method, &target);
         let reason = reason_text(&decision.reason);
         self.log(
             &generation,
@@ -337,10 +354,13 @@ impl Conn {
             &reason,
         );
         if !decision.is_allowed() {
-            return self.forbidden(decision.block.as_deref(), reason);
+            return self.forbidden(decision.block.as_deref(), reason, tunnel.is_some());
         }
         let path = decision.canonical_target.unwrap_or(target);
-        self.forward(req, &path).await
+        match tunnel {
+            None => self.forward(req, &path).await,
+            Some(protocol) => self.forward_upgrade(req, &path, protocol).await,
+        }
     }
 
     fn decide(&self, generation: &Generation, method: &str, target: &str) -> Decision {
@@ -428,7 +448,7 @@ impl Conn {
         });
     }
 
-    fn forbidden(&self, block: Option<&str>, reason: String) -> Response<Body> {
+    fn forbidden(&self, block: Option<&str>, reason: String, close: bool) -> Response<Body> {
         let body = DeniedBody {
             error: "policy_denied",
             block,
@@ -436,7 +456,7 @@ impl Conn {
             host: &self.ctx.host,
             binary: &self.ctx.binary.to_string_lossy(),
         };
-        json_response(StatusCode::FORBIDDEN, &body, false)
+        json_response(StatusCode::FORBIDDEN, &body, close)
     }
 
     fn misdirected(&self, what: String) -> Response<Body> {
@@ -452,43 +472,193 @@ impl Conn {
         )
     }
 
-    async fn forward(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
+    /// The request as the upstream gets it: the canonical target, `Host` / `:authority` naming
+    /// the destination, hop-by-hop headers removed.
+    fn upstream_parts(
+        &self,
+        mut parts: http::request::Parts,
+        path: &str,
+        origin_form: bool,
+    ) -> Result<http::request::Parts, Box<Response<Body>>> {
         let authority = if self.ctx.port == default_port(self.scheme) {
             self.ctx.host.to_string()
         } else {
             format!("{}:{}", self.ctx.host, self.ctx.port)
         };
-        let uri = format!("{}://{authority}{path}", self.scheme);
-        parts.uri = match uri.parse::<Uri>() {
-            Ok(u) => u,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("the canonical target cannot be sent: {e}"),
-                    false,
-                );
-            }
+        let uri = if origin_form {
+            path.parse::<Uri>()
+        } else {
+            format!("{}://{authority}{path}", self.scheme).parse::<Uri>()
         };
-        // The client sets Host / :authority from the URI; the version follows the upstream.
-        parts.headers.remove(header::HOST);
+        parts.uri = uri.map_err(|e| {
+            Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("the canonical target cannot be sent: {e}"),
+                false,
+            ))
+        })?;
         strip_hop_by_hop(&mut parts.headers);
+        if origin_form {
+            let host = HeaderValue::from_str(&authority).map_err(|e| {
+                Box::new(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    &format!("the destination {authority} is not a valid Host header: {e}"),
+                    false,
+                ))
+            })?;
+            parts.headers.insert(header::HOST, host);
+        } else {
+            // The pooled client sets Host / :authority from the URI.
+            parts.headers.remove(header::HOST);
+        }
+        // The version follows the upstream connection.
         parts.version = Version::HTTP_11;
-        let upstream = Request::from_parts(parts, body);
-        match self.client.request(upstream).await {
+        Ok(parts)
+    }
+
+    async fn forward(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let parts = match self.upstream_parts(parts, path, false) {
+            Ok(parts) => parts,
+            Err(resp) => return *resp,
+        };
+        match self.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.boxed())
             }
-            Err(e) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                &format!("the upstream {} could not be reached: {e}", self.ctx.host),
-                false,
-            ),
+            Err(e) => self.unreachable(&e, false),
         }
+    }
+
+    /// An allowed upgrade (WebSocket) goes upstream on an HTTP/1.1 connection of its own. On
+    /// `101 Switching Protocols` both upgraded streams are relayed until either side closes;
+    /// any other answer is passed on and the client connection closes after it.
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        path: &str,
+        protocol: HeaderValue,
+    ) -> Response<Body> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let (parts, body) = req.into_parts();
+        let mut parts = match self.upstream_parts(parts, path, true) {
+            Ok(parts) => parts,
+            Err(resp) => return *resp,
+        };
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        let connector = self
+            .upgrade_connector
+            .get_or_init(|| self.connector.http1_only())
+            .clone();
+        let io = match connector.dial().await {
+            Ok(io) => io,
+            Err(e) => return self.unreachable(&e, true),
+        };
+        let (mut sender, connection) = match hyper::client::conn::http1::handshake(io).await {
+            Ok(pair) => pair,
+            Err(e) => return self.unreachable(&e, true),
+        };
+        tokio::spawn(async move {
+            // Ends when the upgrade hands the stream over, or the upstream closes.
+            let _ = connection.with_upgrades().await;
+        });
+        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(resp) => resp,
+            Err(e) => return self.unreachable(&e, true),
+        };
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && resp
+                .headers()
+                .get(header::UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()));
+        if !switched {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "the upstream switched to a protocol the client did not ask for",
+                    true,
+                );
+            }
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Response::from_parts(parts, body.boxed());
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(
+                &mut TokioIo::new(client),
+                &mut TokioIo::new(upstream),
+            )
+            .await;
+        });
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+        Response::from_parts(parts, body.boxed())
+    }
+
+    fn unreachable(&self, error: &dyn std::fmt::Display, close: bool) -> Response<Body> {
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            &format!(
+                "the upstream {} could not be reached: {error}",
+                self.ctx.host
+            ),
+            close,
+        )
+    }
+}
+
+/// A request that asks to turn the connection into something other than HTTP.
+struct Tunnel;
+
+impl Tunnel {
+    /// `Ok(None)`: a plain request. `Ok(Some(protocol))`: an HTTP/1.1 `GET` asking for a
+    /// WebSocket upgrade, which is decided as that `GET`. `Err(what)`: CONNECT, an h2c upgrade or
+    /// any other upgrade, which no rule can allow.
+    fn of<B>(req: &Request<B>) -> Result<Option<HeaderValue>, String> {
+        if req.method() == Method::CONNECT {
+            return Err("CONNECT".to_owned());
+        }
+        let Some(up) = req.headers().get(header::UPGRADE) else {
+            return Ok(None);
+        };
+        let websocket = up.as_bytes().eq_ignore_ascii_case(b"websocket");
+        let connection_upgrade = req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        if websocket
+            && connection_upgrade
+            && req.method() == Method::GET
+            && req.version() == Version::HTTP_11
+            && req.headers().get_all(header::UPGRADE).iter().count() == 1
+        {
+            return Ok(Some(up.clone()));
+        }
+        let shown = String::from_utf8_lossy(up.as_bytes());
+        Err(format!("an upgrade to {shown:?}"))
     }
 }
 

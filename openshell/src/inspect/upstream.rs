@@ -39,7 +39,21 @@ impl Connector {
         }
     }
 
-    async fn dial(self) -> io::Result<TokioIo<UpstreamStream>> {
+    /// The same destination, offering only HTTP/1.1 over TLS: an upgrade (WebSocket) needs an
+    /// HTTP/1.1 connection of its own, since h2 has no `Upgrade`.
+    pub(super) fn http1_only(&self) -> Self {
+        let tls = self.tls.as_ref().map(|(connector, name)| {
+            let mut config = connector.config().as_ref().clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            (TlsConnector::from(Arc::new(config)), name.clone())
+        });
+        Self {
+            addrs: Arc::clone(&self.addrs),
+            tls,
+        }
+    }
+
+    pub(super) async fn dial(self) -> io::Result<TokioIo<UpstreamStream>> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no validated upstream address");
         for addr in self.addrs.iter() {
             let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {

@@ -34,13 +34,18 @@ pub fn example_policy(file: &str) -> String {
         .replace("<org_name>", ORG)
 }
 
-pub struct Harness {
+/// The inspector in front of a test upstream `U` (by default the recording HTTPS [`Upstream`]).
+pub struct Harness<U = Upstream> {
+    /// Where the inspector listens: port 443 on the host side of the test network, so clients
+    /// that cannot be pointed at another port (git) reach it through a resolve override.
     pub addr: SocketAddr,
     pub host: String,
     pub ca: Arc<SandboxCa>,
     pub ca_file: PathBuf,
     pub log: Arc<Mutex<Vec<RequestRecord>>>,
-    pub upstream: Upstream,
+    pub upstream: U,
+    /// A scratch directory removed with the harness.
+    pub dir: PathBuf,
     _dir: TempDir,
     task: tokio::task::JoinHandle<()>,
     _net: TestNet,
@@ -58,9 +63,26 @@ impl Harness {
     /// Starts an upstream playing `host` in a new network namespace and an inspector for
     /// `policy_text` that presents every connection as made by `binary` to `host:443`.
     pub async fn start(policy_text: &str, host: &str, binary: &str) -> anyhow::Result<Self> {
+        Self::start_with(policy_text, host, binary, |net, ca, _dir| {
+            let upstream = Upstream::start(net, ca, &[host])?;
+            Ok((upstream.addr, upstream))
+        })
+        .await
+    }
+}
+
+impl<U> Harness<U> {
+    /// As [`Harness::start`], with an upstream of the caller's: `make` starts it in the test
+    /// network (given the test CA that the inspector trusts upstream, and the scratch
+    /// directory) and returns the address the inspector dials.
+    pub async fn start_with(
+        policy_text: &str,
+        host: &str,
+        binary: &str,
+        make: impl FnOnce(&TestNet, &TestCa, &Path) -> anyhow::Result<(SocketAddr, U)>,
+    ) -> anyhow::Result<Self> {
         let net = TestNet::new()?;
         let test_ca = TestCa::new()?;
-        let upstream = Upstream::start(&net, &test_ca, &[host])?;
         let policy = openshell::policy::parse("test.yaml", policy_text)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let generation = Generation {
@@ -75,18 +97,14 @@ impl Harness {
         ));
         std::fs::create_dir_all(&dir)?;
         let dir = TempDir(dir);
+        let (up_addr, upstream) = make(&net, &test_ca, &dir.0)?;
         let ca_file = dir.0.join("sandbox-ca.pem");
         std::fs::write(&ca_file, ca.cert_pem())?;
         let upstream_tls = upstream_client_config(std::slice::from_ref(&test_ca.cert_der))?;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((net.host_v4(), 443)).await?;
         let addr = listener.local_addr()?;
-        let (ca2, log2, host2, up_addr) = (
-            Arc::clone(&ca),
-            Arc::clone(&log),
-            Arc::<str>::from(host),
-            upstream.addr,
-        );
+        let (ca2, log2, host2) = (Arc::clone(&ca), Arc::clone(&log), Arc::<str>::from(host));
         let binary = PathBuf::from(binary);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -116,6 +134,7 @@ impl Harness {
             ca_file,
             log,
             upstream,
+            dir: dir.0.clone(),
             _dir: dir,
             task,
             _net: net,
@@ -128,8 +147,52 @@ impl Harness {
         cmd.args(["-sS", "--max-time", "20", "--path-as-is", "--cacert"])
             .arg(&self.ca_file)
             .arg("--connect-to")
-            .arg(format!("{}:443:127.0.0.1:{}", self.host, self.addr.port()));
+            .arg(format!(
+                "{}:443:{}:{}",
+                self.host,
+                self.addr.ip(),
+                self.addr.port()
+            ));
         cmd
+    }
+
+    /// TLS to the inspector as a client of `host` (SNI `sni`, ALPN `alpn`), trusting the
+    /// sandbox CA.
+    pub async fn tls(
+        &self,
+        sni: &str,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.cert_der().clone()).expect("sandbox CA");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect inspector");
+        let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("sni");
+        connector
+            .connect(name, tcp)
+            .await
+            .expect("TLS to inspector")
+    }
+
+    /// Sends raw bytes over TLS (SNI `sni`, ALPN http/1.1) and reads until the inspector
+    /// closes (bounded).
+    pub async fn raw_tls(&self, sni: &str, bytes: &[u8]) -> String {
+        let mut tls = self.tls(sni, &[b"http/1.1"]).await;
+        tls.write_all(bytes).await.expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the inspector did not close the connection");
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// Runs curl with `args` for one URL path and returns (status, body).
@@ -141,7 +204,9 @@ impl Harness {
         let out = run(cmd).await;
         split_status(&out)
     }
+}
 
+impl Harness {
     /// Targets the upstream received, as `METHOD target`.
     pub fn arrived(&self) -> Vec<String> {
         self.upstream
@@ -150,38 +215,9 @@ impl Harness {
             .map(|s| format!("{} {}", s.method, s.target))
             .collect()
     }
-
-    /// Sends raw bytes over TLS (SNI `sni`, ALPN http/1.1) and reads until the inspector
-    /// closes (bounded).
-    pub async fn raw_tls(&self, sni: &str, bytes: &[u8]) -> String {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.cert_der().clone()).expect("sandbox CA");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect inspector");
-        let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("sni");
-        let mut tls = connector
-            .connect(name, tcp)
-            .await
-            .expect("TLS to inspector");
-        tls.write_all(bytes).await.expect("write");
-        let mut out = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut out)).await;
-        assert!(read.is_ok(), "the inspector did not close the connection");
-        String::from_utf8_lossy(&out).into_owned()
-    }
 }
 
-impl Drop for Harness {
+impl<U> Drop for Harness<U> {
     fn drop(&mut self) {
         self.task.abort();
     }
