@@ -618,6 +618,28 @@ fn logs_tail_follows_until_sigint_or_the_gateway_goes_away() {
     let (code, stderr) = tail.finish();
     assert_eq!(code, Some(0), "{stderr}");
 
+    // The followed sandbox is deleted: the follower says so and exits 1.
+    gw.run(&[
+        "sandbox", "create", "--name", "gone", "--policy", &own, "--", "true",
+    ])
+    .unwrap()
+    .ok()
+    .unwrap();
+    let tail = Tail::start(&gw, &["gone", "--tail", "--source", "gateway"]);
+    tail.wait_for("the creation event", |l| {
+        l.contains("EVENT sandbox_created sandbox=gone")
+    });
+    gw.run(&["sandbox", "delete", "gone"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    let (code, stderr) = tail.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no sandbox named \"gone\"") && stderr.contains("stopped following"),
+        "{stderr}"
+    );
+
     // Following JSON: the gateway goes away, the follower says so and exits 1.
     let tail = Tail::start(&gw, &["t", "--tail", "-o", "json"]);
     tail.wait_for("the earlier decision", |l| l.contains("\"/usr/bin/curl\""));
