@@ -13,8 +13,10 @@
 //! - Throughput: one stream of [`STREAM_BYTES`], measured from connect to the server's close
 //!   (so every byte reached the server), for the splice relay and the copy relay.
 //! - New connections/s: connect, then wait for the server's close (a full end-to-end
-//!   connection), one at a time.
-//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median.
+//!   connection), one at a time, through the default relay (copy), which the proxy uses.
+//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, default relay.
+//!
+//! `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (to profile it).
 
 #[path = "../tests/proxy_support/mod.rs"]
 mod proxy_support;
@@ -204,8 +206,11 @@ network_policies:
     let gbit = |bytes: u64, ns: &str| -> anyhow::Result<f64> {
         Ok(bytes as f64 * 8.0 / ns.trim().parse::<f64>()?)
     };
+    // `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (for profiling).
+    let only = std::env::var("PROXY_L4_ONLY").unwrap_or_default();
+    let phase = |name: &str| only.is_empty() || only == name;
     let (mut direct_tp, mut splice_tp, mut copy_tp) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..STREAM_ROUNDS {
+    for _ in 0..if phase("stream") { STREAM_ROUNDS } else { 0 } {
         direct_tp.push(gbit(
             STREAM_BYTES,
             &run_client(None, "stream", sink, STREAM_BYTES)?,
@@ -227,12 +232,12 @@ network_policies:
         Ok((n, ns))
     };
     let (mut direct_c, mut direct_ns, mut proxy_c, mut proxy_ns) = (0u64, 0f64, 0u64, 0f64);
-    for _ in 0..CONNECT_ROUNDS {
+    for _ in 0..if phase("connects") { CONNECT_ROUNDS } else { 0 } {
         let (n, ns) = rate(&run_client(None, "connects", close, CONNECTS as u64)?)?;
         direct_c += n;
         direct_ns += ns;
         let (n, ns) = rate(&run_client(
-            Some(&splice),
+            Some(&copy),
             "connects",
             close,
             CONNECTS as u64,
@@ -248,10 +253,10 @@ network_policies:
             .map(|ns| ns / 1000.0)
             .collect()
     };
-    for _ in 0..PING_ROUNDS {
+    for _ in 0..if phase("rtt") { PING_ROUNDS } else { 0 } {
         direct_rtt.extend(parse_rtts(&run_client(None, "rtt", echo, PINGS as u64)?));
         proxy_rtt.extend(parse_rtts(&run_client(
-            Some(&splice),
+            Some(&copy),
             "rtt",
             echo,
             PINGS as u64,

@@ -4,7 +4,8 @@
 //! - [`RelayMode::Splice`] moves bytes socket → pipe → socket with `splice(2)`, so payload never
 //!   enters user space. One pipe per direction; both ends are driven by tokio's readiness, so a
 //!   relay costs no thread.
-//! - [`RelayMode::Copy`] is `tokio::io::copy_bidirectional_with_sizes` with large buffers.
+//! - [`RelayMode::Copy`] reads into a user-space buffer per direction and writes it out; the
+//!   buffer grows with the stream, up to [`RELAY_BUFFER`].
 //!
 //! `BENCHMARKS.md` ("Proxy L4") has both measured against direct connections; the proxy uses
 //! [`RelayMode::default`], the faster one there (copy).
@@ -25,20 +26,22 @@ use std::{
 };
 
 use tokio::{
-    io::Interest,
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::{TcpStream, tcp},
 };
 
-/// Buffer size of [`RelayMode::Copy`] per direction, and pipe size of [`RelayMode::Splice`].
+/// Largest buffer of [`RelayMode::Copy`] per direction, and pipe size of [`RelayMode::Splice`].
 pub const RELAY_BUFFER: usize = 256 * 1024;
+/// First buffer of [`RelayMode::Copy`] per direction (it grows up to [`RELAY_BUFFER`]).
+const FIRST_BUFFER: usize = 16 * 1024;
 
 /// How the bytes are moved. See the module docs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RelayMode {
     /// `splice(2)` through a pipe per direction.
     Splice,
-    /// Copy through user-space buffers of [`RELAY_BUFFER`] bytes. The default: it measured
-    /// faster than splice on this machine (BENCHMARKS.md, "Proxy L4").
+    /// Copy through a user-space buffer per direction (up to [`RELAY_BUFFER`] bytes). The
+    /// default: it measured faster than splice on this machine (BENCHMARKS.md, "Proxy L4").
     #[default]
     Copy,
 }
@@ -109,16 +112,11 @@ async fn run(
 ) -> io::Result<()> {
     match mode {
         RelayMode::Copy => {
-            let (sent, received) = tokio::io::copy_bidirectional_with_sizes(
-                client,
-                upstream,
-                RELAY_BUFFER,
-                RELAY_BUFFER,
-            )
-            .await?;
-            counters.sent.store(sent, Ordering::Relaxed);
-            counters.received.store(received, Ordering::Relaxed);
-            Ok(())
+            let (client_r, client_w) = client.split();
+            let (upstream_r, upstream_w) = upstream.split();
+            let up = copy_direction(client_r, upstream_w, &counters.sent);
+            let down = copy_direction(upstream_r, client_w, &counters.received);
+            tokio::try_join!(up, down).map(|_| ())
         }
         RelayMode::Splice => {
             let up_pipe = Pipe::new()?;
@@ -128,6 +126,33 @@ async fn run(
             let up = splice_direction(client_r, upstream_w, &up_pipe, &counters.sent);
             let down = splice_direction(upstream_r, client_w, &down_pipe, &counters.received);
             tokio::try_join!(up, down).map(|_| ())
+        }
+    }
+}
+
+/// Moves bytes `from` → `to` through a buffer until `from` reaches end of stream, then shuts
+/// down the write half of `to`.
+///
+/// The buffer starts at [`FIRST_BUFFER`] and doubles, up to [`RELAY_BUFFER`], each time a read
+/// fills it, so a short exchange (most connections) never pays for a large buffer, and a bulk
+/// stream soon moves [`RELAY_BUFFER`] bytes per system call. It is never zeroed: reads fill the
+/// spare capacity directly.
+async fn copy_direction(
+    mut from: tcp::ReadHalf<'_>,
+    mut to: tcp::WriteHalf<'_>,
+    total: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_BUFFER);
+    loop {
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            return shutdown_write(to.as_ref().as_raw_fd());
+        }
+        to.write_all(&buf).await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.capacity() && buf.capacity() < RELAY_BUFFER {
+            buf.reserve_exact((2 * buf.capacity()).min(RELAY_BUFFER));
         }
     }
 }
