@@ -15,7 +15,9 @@
 //! - TLS SNI, `Host` and `:authority` must name the connection's destination, else 421.
 //!   Ambiguous HTTP/1 framing gets 400 and the connection is closed.
 //! - The upstream is dialed only at the addresses the L4 proxy validated (never the name's or
-//!   the client's choice), over TLS when the client side was TLS.
+//!   the client's choice), over TLS when the client side was TLS. An HTTP/1.1 client connection
+//!   gets one kept-alive HTTP/1.1 upstream connection of its own; an h2 one a pooled client that
+//!   speaks h2 upstream when the upstream offers it.
 //!
 //! - A WebSocket upgrade (HTTP/1.1 `GET` with `Upgrade: websocket`) is decided as that `GET`.
 //!   Allowed, it goes upstream on an HTTP/1.1 connection of its own; after the upstream's `101`
