@@ -15,7 +15,9 @@
 //! - TLS SNI, `Host` and `:authority` must name the connection's destination, else 421.
 //!   Ambiguous HTTP/1 framing gets 400 and the connection is closed.
 //! - The upstream is dialed only at the addresses the L4 proxy validated (never the name's or
-//!   the client's choice), over TLS when the client side was TLS.
+//!   the client's choice), over TLS when the client side was TLS. An HTTP/1.1 client connection
+//!   gets one kept-alive HTTP/1.1 upstream connection of its own; an h2 one a pooled client that
+//!   speaks h2 upstream when the upstream offers it.
 //!
 //! - A WebSocket upgrade (HTTP/1.1 `GET` with `Upgrade: websocket`) is decided as that `GET`.
 //!   Allowed, it goes upstream on an HTTP/1.1 connection of its own; after the upstream's `101`
@@ -44,6 +46,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
@@ -250,7 +253,12 @@ struct Conn {
     /// The SNI the client sent, when it differs from the destination name.
     sni_mismatch: Option<String>,
     scheme: &'static str,
+    /// h2 clients: a pooled client (h2 upstream when offered, else a pool of HTTP/1.1
+    /// connections for the concurrent streams).
     client: Client<upstream::Connector, Incoming>,
+    /// HTTP/1.1 clients send one request at a time: one upstream HTTP/1.1 connection, opened on
+    /// first use and again when it closes (no pool, no task per request).
+    h1_upstream: Option<tokio::sync::Mutex<Option<http1::SendRequest<Incoming>>>>,
     connector: upstream::Connector,
     /// HTTP/1.1-only twin of `connector`, made on the first upgrade.
     upgrade_connector: OnceLock<upstream::Connector>,
@@ -286,6 +294,7 @@ impl Conn {
             sni_mismatch,
             scheme: if tls { "https" } else { "http" },
             client,
+            h1_upstream: (!h2).then(|| tokio::sync::Mutex::new(None)),
             connector,
             upgrade_connector: OnceLock::new(),
             framing: None,
@@ -520,11 +529,16 @@ impl Conn {
 
     async fn forward(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let parts = match self.upstream_parts(parts, path, false) {
+        let parts = match self.upstream_parts(parts, path, self.h1_upstream.is_some()) {
             Ok(parts) => parts,
             Err(resp) => return *resp,
         };
-        match self.client.request(Request::from_parts(parts, body)).await {
+        let req = Request::from_parts(parts, body);
+        let sent = match &self.h1_upstream {
+            Some(slot) => self.send_h1(slot, req).await,
+            None => self.client.request(req).await.map_err(|e| e.to_string()),
+        };
+        match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -532,6 +546,41 @@ impl Conn {
             }
             Err(e) => self.unreachable(&e, false),
         }
+    }
+
+    /// Sends on the connection's own upstream HTTP/1.1 connection, (re)opening it when there is
+    /// none or the upstream closed it. The previous response's body has been relayed in full
+    /// before the client could send this request, so waiting for readiness does not stall.
+    async fn send_h1(
+        &self,
+        slot: &tokio::sync::Mutex<Option<http1::SendRequest<Incoming>>>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, String> {
+        let mut slot = slot.lock().await;
+        let reusable = match slot.as_mut() {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            *slot = None;
+            let io = self
+                .connector
+                .clone()
+                .dial()
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, connection) = http1::handshake(io).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                // Ends when the upstream or this side closes the connection.
+                let _ = connection.await;
+            });
+            sender.ready().await.map_err(|e| e.to_string())?;
+            *slot = Some(sender);
+        }
+        let Some(sender) = slot.as_mut() else {
+            return Err("no upstream connection".to_owned());
+        };
+        sender.send_request(req).await.map_err(|e| e.to_string())
     }
 
     /// An allowed upgrade (WebSocket) goes upstream on an HTTP/1.1 connection of its own. On
