@@ -36,7 +36,7 @@ const NAME: &str = "bench";
 const ECHO_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 80;
 /// Requests of each kind per client run, and rounds of (quiet, reloading).
-const REQUESTS: usize = 300;
+const REQUESTS: usize = 1_000;
 const ROUNDS: usize = 4;
 const CLIENT_LIMIT: Duration = Duration::from_secs(60);
 /// Blocks of the policies reloaded during the latency measurement.
@@ -63,16 +63,46 @@ fn main() -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--list") {
         return Ok(());
     }
-    let filtered_out = args
-        .iter()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .is_some_and(|f| !"latency_during_reloads".contains(f.as_str()));
+    let filtered_out =
+        filter(&args).is_some_and(|f| !"reload_steps latency_during_reloads".contains(f));
     if !filtered_out {
         breakdown(&bench)?;
         latency_during_reloads(&bench)?;
     }
     Ok(())
+}
+
+/// Criterion's filter argument, if any: the first positional argument that is not the value
+/// of one of its options.
+fn filter(args: &[String]) -> Option<&str> {
+    const WITH_VALUE: &[&str] = &[
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--output-format",
+        "--color",
+        "--profile-time",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--nresamples",
+        "--plotting-backend",
+        "--format",
+        "--logfile",
+    ];
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            rest.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg);
+        }
+    }
+    None
 }
 
 /// Where the time of one reload goes, step by step in this process (median of a few runs):
