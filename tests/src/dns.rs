@@ -77,11 +77,27 @@ impl TestDns {
     }
 
     /// Serves on `addr` in the test's own network namespace (loopback tests).
+    /// With port 0, the UDP socket picks the port and the TCP listener takes the same one; if
+    /// another test holds that TCP port, another is tried (a bounded number of times).
     pub fn start(addr: SocketAddr) -> anyhow::Result<Self> {
-        let udp = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
-        let tcp =
-            TcpListener::bind(udp.local_addr()?).with_context(|| format!("binding TCP {addr}"))?;
-        Self::serve(udp, tcp)
+        let mut attempt = 0;
+        loop {
+            let udp = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+            let port = udp.local_addr()?;
+            match TcpListener::bind(port) {
+                Ok(tcp) => return Self::serve(udp, tcp),
+                Err(e)
+                    if addr.port() == 0
+                        && e.kind() == std::io::ErrorKind::AddrInUse
+                        && attempt < 20 =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("binding TCP {port}"));
+                }
+            }
+        }
     }
 
     fn serve(udp: UdpSocket, tcp: TcpListener) -> anyhow::Result<Self> {

@@ -45,7 +45,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -318,11 +318,12 @@ impl Conn {
             return error_response(StatusCode::BAD_REQUEST, "bad_request", problem, true);
         }
         if let Some(sni) = &self.sni_mismatch {
-            return self.misdirected(format!("TLS SNI {sni:?}"));
+            let resp = self.misdirected(format!("TLS SNI {sni:?}"));
+            return after_request_body(req, resp).await;
         }
-        match self.authority_problem(&req) {
-            Ok(()) => {}
-            Err(what) => return self.misdirected(what),
+        if let Err(what) = self.authority_problem(&req) {
+            let resp = self.misdirected(what);
+            return after_request_body(req, resp).await;
         }
         let target = match req.uri().scheme() {
             Some(_) => req.uri().to_string(),
@@ -348,7 +349,8 @@ impl Conn {
                     None,
                     &reason,
                 );
-                return self.forbidden(None, reason, req.version() != Version::HTTP_2);
+                let resp = self.forbidden(None, reason, req.version() != Version::HTTP_2);
+                return after_request_body(req, resp).await;
             }
         };
         let decision = self.decide(&generation, &method, &target);
@@ -363,7 +365,8 @@ impl Conn {
             &reason,
         );
         if !decision.is_allowed() {
-            return self.forbidden(decision.block.as_deref(), reason, tunnel.is_some());
+            let resp = self.forbidden(decision.block.as_deref(), reason, tunnel.is_some());
+            return after_request_body(req, resp).await;
         }
         let path = decision.canonical_target.unwrap_or(target);
         match tunnel {
@@ -786,6 +789,35 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// Most of a refused HTTP/2 request's body that is read before the refusal is sent.
+const REFUSED_BODY_DRAIN: usize = 1 << 20;
+/// Longest wait for that body.
+const REFUSED_BODY_WAIT: Duration = Duration::from_secs(1);
+
+/// `resp`, a refusal of `req`, once `req`'s body has been read and dropped (up to
+/// [`REFUSED_BODY_DRAIN`] bytes or [`REFUSED_BODY_WAIT`]). Over HTTP/2, dropping an unread body
+/// resets the stream, and that reset can reach a client still uploading (git push) before the
+/// refusal does, so it sees a stream error instead of the 403. Nothing read is forwarded.
+/// HTTP/1 needs no such care: hyper reads the rest of the body or closes the connection.
+async fn after_request_body(req: Request<Incoming>, resp: Response<Body>) -> Response<Body> {
+    if req.version() != Version::HTTP_2 || req.body().is_end_stream() {
+        return resp;
+    }
+    let mut body = req.into_body();
+    let drain = async {
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+            if read >= REFUSED_BODY_DRAIN {
+                break;
+            }
+        }
+    };
+    // A body that is too large or too slow is dropped and the stream reset after all.
+    let _ = tokio::time::timeout(REFUSED_BODY_WAIT, drain).await;
+    resp
 }
 
 fn error_response(
