@@ -127,6 +127,21 @@ impl TestGateway {
         })
     }
 
+    /// A gateway whose policy DNS forwards to `dns` (a test host's resolver).
+    pub fn with_dns(dns: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let gw = Self::new()?;
+        std::fs::write(
+            &gw.config,
+            format!(
+                "[gateway]\ncgroup_base = \"{}\"\n\
+                 [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+                 [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{dns}\"]\n",
+                gw.cgroup_base
+            ),
+        )?;
+        Ok(gw)
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
     }

@@ -49,19 +49,7 @@ network_policies:
 ";
 
 fn gateway_for(host: &TestHost) -> TestGateway {
-    let gw = TestGateway::new().unwrap();
-    std::fs::write(
-        &gw.config,
-        format!(
-            "[gateway]\ncgroup_base = \"{}\"\n\
-             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
-             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n",
-            gw.cgroup_base,
-            host.dns.addr()
-        ),
-    )
-    .unwrap();
-    gw
+    TestGateway::with_dns(host.dns.addr()).unwrap()
 }
 
 fn curl(gw: &TestGateway, sandbox: &str, url: &str) -> Run {

@@ -34,19 +34,7 @@ use openshell_tests::{
 use proxy_support::{TestHost, privileged};
 
 fn gateway_for(host: &TestHost) -> TestGateway {
-    let gw = TestGateway::new().unwrap();
-    std::fs::write(
-        &gw.config,
-        format!(
-            "[gateway]\ncgroup_base = \"{}\"\n\
-             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
-             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n",
-            gw.cgroup_base,
-            host.dns.addr()
-        ),
-    )
-    .unwrap();
-    gw
+    TestGateway::with_dns(host.dns.addr()).unwrap()
 }
 
 /// pypi.org is reachable for pip only; files.pythonhosted.org only on port 80 (so its name
