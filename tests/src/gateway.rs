@@ -142,6 +142,21 @@ impl TestGateway {
         Ok(gw)
     }
 
+    /// `curl -sSk --max-time 10 URL` run in `sandbox` through `sandbox exec`.
+    pub fn curl(&self, sandbox: &str, url: &str) -> anyhow::Result<Run> {
+        self.run(&[
+            "sandbox",
+            "exec",
+            sandbox,
+            "--",
+            "curl",
+            "-sSk",
+            "--max-time",
+            "10",
+            url,
+        ])
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
     }

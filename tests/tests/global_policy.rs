@@ -53,18 +53,7 @@ fn gateway_for(host: &TestHost) -> TestGateway {
 }
 
 fn curl(gw: &TestGateway, sandbox: &str, url: &str) -> Run {
-    gw.run(&[
-        "sandbox",
-        "exec",
-        sandbox,
-        "--",
-        "curl",
-        "-sSk",
-        "--max-time",
-        "10",
-        url,
-    ])
-    .unwrap()
+    gw.curl(sandbox, url).unwrap()
 }
 
 /// Asserts which of the two hosts `sandbox` may reach, and that the upstream saw exactly the

@@ -46,18 +46,7 @@ const PYPI_BLOCK: &str = "  pypi:
 ";
 
 fn curl(gw: &TestGateway, url: &str) -> Run {
-    gw.run(&[
-        "sandbox",
-        "exec",
-        "iter",
-        "--",
-        "curl",
-        "-sSk",
-        "--max-time",
-        "10",
-        url,
-    ])
-    .unwrap()
+    gw.curl("iter", url).unwrap()
 }
 
 /// `policy list` with the hash and time columns masked.

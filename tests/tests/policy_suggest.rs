@@ -71,18 +71,7 @@ const PIP_BLOCK: &str = "  pip:
 ";
 
 fn curl(gw: &TestGateway, url: &str) -> Run {
-    gw.run(&[
-        "sandbox",
-        "exec",
-        "sugg",
-        "--",
-        "curl",
-        "-sSk",
-        "--max-time",
-        "10",
-        url,
-    ])
-    .unwrap()
+    gw.curl("sugg", url).unwrap()
 }
 
 /// Polls `logs -o json` of sandbox `sugg` (bounded) until `count` decisions match `pred`.
