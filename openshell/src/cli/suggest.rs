@@ -157,14 +157,25 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The newest `lines` decisions of `name` younger than `since`, the revision in force and its
-/// policy.
+/// What `policy suggest` works from.
+pub struct Loaded {
+    /// The newest decisions, oldest first.
+    pub records: Vec<DecisionRecord>,
+    /// The revision in force and its policy.
+    pub revision: PolicyRevision,
+    pub policy: Policy,
+    /// The revision is the global policy's (it governs every sandbox).
+    pub global: bool,
+}
+
+/// The newest `lines` decisions of `name` younger than `since`, and the revision in force: the
+/// global one while it is set, else the sandbox's own.
 pub fn load(
     client: &Client,
     name: &str,
     lines: usize,
     since: Option<Duration>,
-) -> anyhow::Result<(Vec<DecisionRecord>, PolicyRevision, Policy)> {
+) -> anyhow::Result<Loaded> {
     let mut records = client
         .logs(name, lines.min(MAX_LINES))
         .with_context(|| format!("reading the decision log of sandbox {name:?}"))?;
@@ -176,19 +187,29 @@ pub fn load(
         .policy_revisions(name)
         .with_context(|| format!("reading the policy of sandbox {name:?}"))?;
     let global = global_in_force(client).context("reading the global policy")?;
-    let Some(rev) = global.or_else(|| in_force(&revisions).cloned()) else {
+    let is_global = global.is_some();
+    let Some(revision) = global.or_else(|| in_force(&revisions).cloned()) else {
         anyhow::bail!("sandbox {name:?} has no policy revision");
     };
-    let policy = revision_policy(name, &rev)?;
-    Ok((records, rev, policy))
+    let policy = revision_policy(name, &revision)?;
+    Ok(Loaded {
+        records,
+        revision,
+        policy,
+        global: is_global,
+    })
 }
 
 pub fn run(args: &SuggestArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(Paths::from_env())?;
     client.ensure_running()?;
-    let (records, rev, current) = load(&client, &args.name, args.lines, args.since)?;
-    // `load` judged the denials against the global policy if one is in force.
-    if global_in_force(&client)?.is_some() {
+    let Loaded {
+        records,
+        revision: rev,
+        policy: current,
+        global,
+    } = load(&client, &args.name, args.lines, args.since)?;
+    if global {
         eprintln!(
             "note: the global policy (version {}) governs every sandbox; add these blocks to it \
              (`openshell policy get --global --full`, then `openshell policy set --global`)",
