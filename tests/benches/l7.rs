@@ -4,6 +4,8 @@
 //! upstream runs in a network namespace so that its address is not loopback, which policy always
 //! denies). Run: `cargo bench -p openshell-tests --bench l7`.
 //!
+//! `L7_ONLY=h1|h2` and `L7_SIDE=direct|inspected` run one part alone (for `perf`).
+//!
 //! The sides alternate in rounds so that load from other processes affects both alike. Bounded
 //! in count and time.
 
@@ -62,7 +64,12 @@ async fn run() -> anyhow::Result<()> {
 
     println!("| protocol | path | requests | p50 | p99 | requests/s |");
     println!("|---|---|---|---|---|---|");
+    let only = std::env::var("L7_ONLY").unwrap_or_default();
+    let side = std::env::var("L7_SIDE").unwrap_or_default();
     for h2 in [false, true] {
+        if (only == "h2" && !h2) || (only == "h1" && h2) {
+            continue;
+        }
         let mut direct = Side::default();
         let mut inspected = Side::default();
         let mut direct_conn = Conn::open(upstream.addr, &test_ca.cert_der, h2).await?;
@@ -72,8 +79,12 @@ async fn run() -> anyhow::Result<()> {
             if Instant::now() > deadline {
                 break;
             }
-            direct.measure(&mut direct_conn).await?;
-            inspected.measure(&mut inspected_conn).await?;
+            if side != "inspected" {
+                direct.measure(&mut direct_conn).await?;
+            }
+            if side != "direct" {
+                inspected.measure(&mut inspected_conn).await?;
+            }
         }
         let proto = if h2 { "h2" } else { "HTTP/1.1" };
         direct.print(proto, "direct TLS");

@@ -30,6 +30,7 @@
 //! not offered: the h2 server does not advertise it, so clients fall back to HTTP/1.1. A relayed
 //! WebSocket stream is not re-checked when the policy changes.
 
+mod exec;
 mod framing;
 mod upstream;
 
@@ -47,8 +48,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
+use hyper::rt::Executor as _;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -175,8 +177,9 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::ServerName(ctx.host.to_string()))?;
     if !is_tls {
         let h2 = first[..n] == H2_PREFACE[..n] && n > 3;
-        let conn = Conn::new(ctx, None, false, h2, server_name);
-        return serve_http(TokioIo::new(client), h2, conn).await;
+        let (exec, tasks) = exec::channel();
+        let conn = Conn::new(ctx, None, false, h2, server_name, exec);
+        return serve_http(TokioIo::new(client), h2, conn, tasks).await;
     }
     let acceptor =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
@@ -194,8 +197,9 @@ pub async fn serve(client: TcpStream, ctx: InspectContext) -> Result<(), Inspect
         .map_err(|_| InspectError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
         .map_err(InspectError::Handshake)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Conn::new(ctx, sni, true, h2, server_name);
-    serve_http(TokioIo::new(tls), h2, conn).await
+    let (exec, tasks) = exec::channel();
+    let conn = Conn::new(ctx, sni, true, h2, server_name, exec);
+    serve_http(TokioIo::new(tls), h2, conn, tasks).await
 }
 
 async fn relay_uninspected(
@@ -217,19 +221,24 @@ async fn relay_uninspected(
     Err(InspectError::Relay(last))
 }
 
-async fn serve_http<I>(io: TokioIo<I>, h2: bool, mut conn: Conn) -> Result<(), InspectError>
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    h2: bool,
+    mut conn: Conn,
+    tasks: exec::Tasks,
+) -> Result<(), InspectError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let served = if h2 {
+        let exec = conn.exec.clone();
         let conn = Arc::new(conn);
         let svc = hyper::service::service_fn(move |req| {
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         });
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, svc)
-            .await
+        let serving = hyper::server::conn::http2::Builder::new(exec).serve_connection(io, svc);
+        exec::drive(serving, tasks).await
     } else {
         let verdicts = framing::Verdicts::default();
         conn.framing = Some(Arc::clone(&verdicts));
@@ -239,10 +248,10 @@ where
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         });
-        hyper::server::conn::http1::Builder::new()
+        let serving = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        exec::drive(serving, tasks).await
     };
     served.map_err(InspectError::Http)
 }
@@ -260,6 +269,8 @@ struct Conn {
     /// first use and again when it closes (no pool, no task per request).
     h1_upstream: Option<tokio::sync::Mutex<Option<http1::SendRequest<Incoming>>>>,
     connector: upstream::Connector,
+    /// Runs the upstream connections (and hyper's h2 streams) inside this connection's task.
+    exec: exec::ConnExec,
     /// HTTP/1.1-only twin of `connector`, made on the first upgrade.
     upgrade_connector: OnceLock<upstream::Connector>,
     /// HTTP/1: the framing guard's verdict and the index of the next request to serve.
@@ -274,6 +285,7 @@ impl Conn {
         tls: bool,
         h2: bool,
         server_name: ServerName<'static>,
+        exec: exec::ConnExec,
     ) -> Self {
         let sni_mismatch = sni.filter(|s| *s != *ctx.host);
         let connector = upstream::Connector::new(
@@ -288,7 +300,7 @@ impl Conn {
         } else {
             connector.http1_only()
         };
-        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let client = Client::builder(exec.clone()).build(connector.clone());
         Self {
             ctx,
             sni_mismatch,
@@ -296,6 +308,7 @@ impl Conn {
             client,
             h1_upstream: (!h2).then(|| tokio::sync::Mutex::new(None)),
             connector,
+            exec,
             upgrade_connector: OnceLock::new(),
             framing: None,
             next_request: AtomicU64::new(0),
@@ -573,7 +586,7 @@ impl Conn {
                 .await
                 .map_err(|e| e.to_string())?;
             let (mut sender, connection) = http1::handshake(io).await.map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
+            self.exec.execute(async move {
                 // Ends when the upstream or this side closes the connection.
                 let _ = connection.await;
             });
