@@ -294,3 +294,89 @@ async fn other_upgrades_are_refused() {
     }
     assert_eq!(h.upstream.seen(), Vec::<String>::new());
 }
+
+/// The chat block again, allowing `allowed` instead of `/ws/**`.
+fn chat_policy_allowing(allowed: &str) -> String {
+    POLICY.replace("/ws/**", allowed)
+}
+
+/// Waits (bounded) for the relayed stream to end: a close frame, an error or end of stream.
+async fn relay_ends(
+    ws: &mut WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the relayed WebSocket stayed open");
+}
+
+/// A new generation that still allows the upgrade's `GET` leaves the relay alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_still_allows_the_path_keeps_the_relay() {
+    if skip_unless_root() {
+        return;
+    }
+    let h = harness().await;
+    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
+    ws.send(Message::text("one")).await.expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    h.set_policy(&chat_policy_allowing("/ws/echo"), 2);
+    h.set_policy(&chat_policy_allowing("/ws/*"), 3);
+    ws.send(Message::text("two"))
+        .await
+        .expect("send after the reloads");
+    assert_eq!(next_message(&mut ws).await, Message::text("echo: two"));
+    let log = h.log.lock().expect("log").clone();
+    assert_eq!(log.len(), 1, "only the upgrade itself was decided: {log:?}");
+}
+
+/// A new generation that no longer allows the upgrade's `GET` closes the relayed stream, and
+/// the closing is logged under that revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_no_longer_allows_the_path_closes_the_relay() {
+    if skip_unless_root() {
+        return;
+    }
+    let h = harness().await;
+    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
+    ws.send(Message::text("one")).await.expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    h.set_policy(&chat_policy_allowing("/ws/other/**"), 2);
+    relay_ends(&mut ws).await;
+    let log = h.log.lock().expect("log").clone();
+    let closed = log.last().expect("a record for the closing");
+    assert_eq!(closed.revision, 2);
+    assert_eq!(
+        (closed.method.as_str(), closed.target.as_str()),
+        ("GET", "/ws/echo")
+    );
+    assert!(
+        closed
+            .reason
+            .starts_with("open upgraded stream closed: policy revision 2 no longer allows it: "),
+        "{closed:?}"
+    );
+    // A new upgrade to the same path is now refused.
+    assert!(open(&h, "/ws/echo").await.is_err());
+}
+
+/// Dropping the connection's task, as the proxy does when a new generation no longer allows
+/// the connection itself, closes a relayed upgrade with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_connection_closes_the_relay() {
+    if skip_unless_root() {
+        return;
+    }
+    let h = harness().await;
+    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
+    ws.send(Message::text("one")).await.expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    h.revoke_all();
+    relay_ends(&mut ws).await;
+}

@@ -6,6 +6,9 @@
 //! handler and the upstream connection in turn. As separate tasks, each hand-over is a wake-up
 //! that the multi-threaded runtime may deliver to the other worker thread (an eventfd or futex
 //! wake and a context switch); in one task it is a poll of the next future.
+//!
+//! Dropping the connection's task (the proxy does when a new policy generation no longer
+//! allows the connection) drops everything it runs, including a relayed upgrade.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,10 +25,26 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The executor given to hyper: it queues futures for [`drive`].
 #[derive(Clone)]
-pub(super) struct ConnExec(mpsc::UnboundedSender<Task>);
+pub(super) struct ConnExec(mpsc::UnboundedSender<Queued>);
 
 /// The receiving end, consumed by [`drive`].
-pub(super) struct Tasks(mpsc::UnboundedReceiver<Task>);
+pub(super) struct Tasks(mpsc::UnboundedReceiver<Queued>);
+
+struct Queued {
+    task: Task,
+    /// Runs on after the connection's HTTP serving ends (an upgraded stream's relay).
+    lingers: bool,
+}
+
+impl ConnExec {
+    /// Runs `fut` in the connection's task, to completion even after the HTTP serving ended.
+    pub(super) fn linger(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let _ = self.0.send(Queued {
+            task: Box::pin(fut),
+            lingers: true,
+        });
+    }
+}
 
 pub(super) fn channel() -> (ConnExec, Tasks) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -39,12 +58,17 @@ where
     fn execute(&self, fut: F) {
         // The receiver lives as long as the connection's task; once it is gone, the future
         // belongs to a connection that has ended and has nothing left to do.
-        let _ = self.0.send(Box::pin(fut));
+        let _ = self.0.send(Queued {
+            task: Box::pin(fut),
+            lingers: false,
+        });
     }
 }
 
 /// Polls `main` together with every future queued on the executor, in the calling task, until
-/// `main` completes. Futures still pending then belong to the ended connection and are dropped.
+/// `main` completes. Futures still pending then belong to the ended connection and are dropped,
+/// except those queued with [`ConnExec::linger`], which are driven to completion before `drive`
+/// returns.
 ///
 /// A wake-up that one of these futures gives another while they are being polled (the
 /// client-side connection handing a request to its stream, the stream handing it to the
@@ -53,18 +77,24 @@ where
 pub(super) async fn drive<F: Future>(main: F, tasks: Tasks) -> F::Output {
     let Tasks(mut queued) = tasks;
     let mut running = FuturesUnordered::<Task>::new();
+    let mut lingering = FuturesUnordered::<Task>::new();
     let mut main = std::pin::pin!(main);
     let inner = Arc::new(LocalWake::default());
     let waker = Waker::from(Arc::clone(&inner));
-    std::future::poll_fn(move |cx| {
+    let out = std::future::poll_fn(|cx| {
         inner.task.register(cx.waker());
         let mut local = Context::from_waker(&waker);
         for _ in 0..PASSES {
             inner.state.store(POLLING, Ordering::SeqCst);
-            while let Poll::Ready(Some(task)) = queued.poll_recv(&mut local) {
-                running.push(task);
+            while let Poll::Ready(Some(q)) = queued.poll_recv(&mut local) {
+                if q.lingers {
+                    lingering.push(q.task);
+                } else {
+                    running.push(q.task);
+                }
             }
             while let Poll::Ready(Some(())) = running.poll_next_unpin(&mut local) {}
+            while let Poll::Ready(Some(())) = lingering.poll_next_unpin(&mut local) {}
             if let Poll::Ready(out) = main.as_mut().poll(&mut local) {
                 inner.state.store(IDLE, Ordering::SeqCst);
                 return Poll::Ready(out);
@@ -83,7 +113,15 @@ pub(super) async fn drive<F: Future>(main: F, tasks: Tasks) -> F::Output {
         cx.waker().wake_by_ref();
         Poll::Pending
     })
-    .await
+    .await;
+    drop(running);
+    while let Ok(q) = queued.try_recv() {
+        if q.lingers {
+            lingering.push(q.task);
+        }
+    }
+    while lingering.next().await.is_some() {}
+    out
 }
 
 /// Passes per poll before the task yields to the runtime (tokio's own budget is 128 polls).
@@ -155,6 +193,32 @@ mod tests {
             .expect("drive finished");
         assert_eq!(out, "main");
         assert_eq!(done.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn lingering_futures_run_to_completion_after_main_ends() {
+        let (exec, tasks) = channel();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&finished);
+        exec.linger(async move {
+            // Completes only after main has returned.
+            let _ = rx.await;
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let main = async move {
+            tokio::task::yield_now().await;
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _ = tx.send(());
+            });
+            "main"
+        };
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), drive(main, tasks))
+            .await
+            .expect("drive finished");
+        assert_eq!(out, "main");
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

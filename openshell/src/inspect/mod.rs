@@ -21,14 +21,18 @@
 //!
 //! - A WebSocket upgrade (HTTP/1.1 `GET` with `Upgrade: websocket`) is decided as that `GET`.
 //!   Allowed, it goes upstream on an HTTP/1.1 connection of its own; after the upstream's `101`
-//!   both streams are relayed byte for byte until either side closes. Any other answer is passed
-//!   on and the connection closes.
+//!   both streams are relayed byte for byte until either side closes, or until a new generation
+//!   ([`PolicySource::updates`]) no longer allows that `GET`. Any other answer is passed on and
+//!   the connection closes.
+//! - Everything a connection needs (hyper's h2 streams, the upstream connections, an upgraded
+//!   relay) runs in the connection's own task (module `exec`): fewer wake-ups between threads, and
+//!   dropping that task (the proxy does when a generation no longer allows the connection)
+//!   closes all of it.
 //!
 //! Limits: CONNECT, h2c and any other upgrade inside an inspected endpoint are denied with 403
 //! and the connection closed; the policy has no rule form that names them (a rule's `path` cannot
 //! match CONNECT's authority-form target). WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is
-//! not offered: the h2 server does not advertise it, so clients fall back to HTTP/1.1. A relayed
-//! WebSocket stream is not re-checked when the policy changes.
+//! not offered: the h2 server does not advertise it, so clients fall back to HTTP/1.1.
 
 mod exec;
 mod framing;
@@ -42,6 +46,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
@@ -75,6 +81,12 @@ pub struct Generation {
 /// Yields the generation in force; asked once per request.
 pub trait PolicySource: Send + Sync {
     fn current(&self) -> Generation;
+
+    /// The generations that come into force after this call, in order; it ends when no newer
+    /// one can come. A relayed WebSocket is judged again by each.
+    fn updates(&self) -> BoxStream<'static, Generation> {
+        futures_util::stream::pending().boxed()
+    }
 }
 
 /// A fixed generation (tests, or a sandbox whose policy never changes).
@@ -134,6 +146,53 @@ pub struct InspectContext {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     pub policy: Arc<dyn PolicySource>,
     pub log: Arc<dyn RequestLog>,
+}
+
+impl InspectContext {
+    fn decide(&self, generation: &Generation, method: &str, target: &str) -> Decision {
+        let upstream_ip = self.upstream.first().map(SocketAddr::ip);
+        let q = ConnectionQuery {
+            host: &self.host,
+            port: self.port,
+            binary: &self.binary,
+            ancestors: &self.ancestors,
+            dest_ip: upstream_ip,
+        };
+        generation
+            .policy
+            .decide_request(&q, &HttpRequestQuery { method, target })
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one flat log record")]
+    fn log_request(
+        &self,
+        generation: &Generation,
+        method: &str,
+        target: &str,
+        decision: Verdict,
+        audit: bool,
+        block: Option<Arc<str>>,
+        reason: &str,
+    ) {
+        self.log.record(RequestRecord {
+            sandbox: Arc::clone(&self.sandbox),
+            binary: self.binary.clone(),
+            pid: self.pid,
+            host: Arc::clone(&self.host),
+            port: self.port,
+            method: method.to_owned(),
+            target: target.to_owned(),
+            decision,
+            audit,
+            block,
+            reason: if audit {
+                format!("would deny: {reason}")
+            } else {
+                reason.to_owned()
+            },
+            revision: generation.revision,
+        });
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +317,7 @@ where
 
 /// Per-connection state shared by its requests.
 struct Conn {
-    ctx: InspectContext,
+    ctx: Arc<InspectContext>,
     /// The SNI the client sent, when it differs from the destination name.
     sni_mismatch: Option<String>,
     scheme: &'static str,
@@ -302,7 +361,7 @@ impl Conn {
         };
         let client = Client::builder(exec.clone()).build(connector.clone());
         Self {
-            ctx,
+            ctx: Arc::new(ctx),
             sni_mismatch,
             scheme: if tls { "https" } else { "http" },
             client,
@@ -346,14 +405,18 @@ impl Conn {
                 .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned()),
         };
         let method = req.method().as_str().to_owned();
+        let tunnel = Tunnel::of(&req);
+        // An upgraded stream is judged again by every later generation; subscribe before this
+        // one is read so that none is missed in between.
+        let updates = matches!(tunnel, Ok(Some(_))).then(|| self.ctx.policy.updates());
         let generation = self.ctx.policy.current();
-        let tunnel = match Tunnel::of(&req) {
+        let tunnel = match tunnel {
             Ok(tunnel) => tunnel,
             Err(what) => {
                 // Whatever follows such a request on the connection is not known to be HTTP,
                 // so the connection closes after the 403.
                 let reason = format!("{what} inside an inspected endpoint is not permitted");
-                self.log(
+                self.ctx.log_request(
                     &generation,
                     &method,
                     &target,
@@ -366,9 +429,9 @@ impl Conn {
                 return after_request_body(req, resp).await;
             }
         };
-        let decision = self.decide(&generation, &method, &target);
+        let decision = self.ctx.decide(&generation, &method, &target);
         let reason = reason_text(&decision.reason);
-        self.log(
+        self.ctx.log_request(
             &generation,
             &method,
             &target,
@@ -381,25 +444,21 @@ impl Conn {
             let resp = self.forbidden(decision.block.as_deref(), reason, tunnel.is_some());
             return after_request_body(req, resp).await;
         }
-        let path = decision.canonical_target.unwrap_or(target);
-        match tunnel {
-            None => self.forward(req, &path).await,
-            Some(protocol) => self.forward_upgrade(req, &path, protocol).await,
+        let path = decision
+            .canonical_target
+            .clone()
+            .unwrap_or_else(|| target.clone());
+        match (tunnel, updates) {
+            (Some(protocol), Some(updates)) => {
+                let upgrade = Upgrade {
+                    protocol,
+                    target,
+                    updates,
+                };
+                self.forward_upgrade(req, &path, upgrade).await
+            }
+            _ => self.forward(req, &path).await,
         }
-    }
-
-    fn decide(&self, generation: &Generation, method: &str, target: &str) -> Decision {
-        let upstream_ip = self.ctx.upstream.first().map(SocketAddr::ip);
-        let q = ConnectionQuery {
-            host: &self.ctx.host,
-            port: self.ctx.port,
-            binary: &self.ctx.binary,
-            ancestors: &self.ctx.ancestors,
-            dest_ip: upstream_ip,
-        };
-        generation
-            .policy
-            .decide_request(&q, &HttpRequestQuery { method, target })
     }
 
     /// `Host` (HTTP/1) or `:authority` (HTTP/2, or an absolute-form target) must name the
@@ -440,37 +499,6 @@ impl Conn {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let port_ok = parsed.port_u16().is_none_or(|p| p == self.ctx.port);
         host == *self.ctx.host && port_ok
-    }
-
-    #[expect(clippy::too_many_arguments, reason = "one flat log record")]
-    fn log(
-        &self,
-        generation: &Generation,
-        method: &str,
-        target: &str,
-        decision: Verdict,
-        audit: bool,
-        block: Option<Arc<str>>,
-        reason: &str,
-    ) {
-        self.ctx.log.record(RequestRecord {
-            sandbox: Arc::clone(&self.ctx.sandbox),
-            binary: self.ctx.binary.clone(),
-            pid: self.ctx.pid,
-            host: Arc::clone(&self.ctx.host),
-            port: self.ctx.port,
-            method: method.to_owned(),
-            target: target.to_owned(),
-            decision,
-            audit,
-            block,
-            reason: if audit {
-                format!("would deny: {reason}")
-            } else {
-                reason.to_owned()
-            },
-            revision: generation.revision,
-        });
     }
 
     fn forbidden(&self, block: Option<&str>, reason: String, close: bool) -> Response<Body> {
@@ -600,14 +628,16 @@ impl Conn {
     }
 
     /// An allowed upgrade (WebSocket) goes upstream on an HTTP/1.1 connection of its own. On
-    /// `101 Switching Protocols` both upgraded streams are relayed until either side closes;
-    /// any other answer is passed on and the client connection closes after it.
+    /// `101 Switching Protocols` both upgraded streams are relayed, in this connection's task,
+    /// until either side closes or a new generation no longer allows the upgrade's `GET`; any
+    /// other answer is passed on and the client connection closes after it.
     async fn forward_upgrade(
         &self,
         mut req: Request<Incoming>,
         path: &str,
-        protocol: HeaderValue,
+        upgrade: Upgrade,
     ) -> Response<Body> {
+        let protocol = upgrade.protocol.clone();
         let client_side = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let mut parts = match self.upstream_parts(parts, path, true) {
@@ -630,7 +660,7 @@ impl Conn {
             Ok(pair) => pair,
             Err(e) => return self.unreachable(&e, true),
         };
-        tokio::spawn(async move {
+        self.exec.linger(async move {
             // Ends when the upgrade hands the stream over, or the upstream closes.
             let _ = connection.with_upgrades().await;
         });
@@ -660,15 +690,12 @@ impl Conn {
             return Response::from_parts(parts, body.boxed());
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        let ctx = Arc::clone(&self.ctx);
+        self.exec.linger(async move {
             let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) else {
                 return;
             };
-            let _ = tokio::io::copy_bidirectional(
-                &mut TokioIo::new(client),
-                &mut TokioIo::new(upstream),
-            )
-            .await;
+            relay_upgraded(ctx, upgrade, TokioIo::new(client), TokioIo::new(upstream)).await;
         });
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -689,6 +716,66 @@ impl Conn {
             ),
             close,
         )
+    }
+}
+
+/// An allowed upgrade request: the protocol asked for, the target as the client sent it (as
+/// it was decided and logged) and the generations that come into force after the decision.
+struct Upgrade {
+    protocol: HeaderValue,
+    target: String,
+    updates: BoxStream<'static, Generation>,
+}
+
+/// Relays an upgraded stream (WebSocket) until either side closes it, or until a generation
+/// comes into force that no longer allows its `GET`: then both streams are dropped (closed)
+/// and the closing is logged as a denial under that revision.
+async fn relay_upgraded<C, U>(
+    ctx: Arc<InspectContext>,
+    upgrade: Upgrade,
+    mut client: C,
+    mut upstream: U,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Upgrade {
+        target,
+        mut updates,
+        ..
+    } = upgrade;
+    let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let mut relay = std::pin::pin!(relay);
+    loop {
+        tokio::select! {
+            _ = &mut relay => return,
+            next = updates.next() => {
+                let Some(generation) = next else {
+                    // No generation can come any more: relay until a side closes.
+                    let _ = relay.await;
+                    return;
+                };
+                let decision = ctx.decide(&generation, "GET", &target);
+                if decision.is_allowed() {
+                    continue;
+                }
+                let reason = format!(
+                    "open upgraded stream closed: policy revision {} no longer allows it: {}",
+                    generation.revision,
+                    reason_text(&decision.reason)
+                );
+                ctx.log_request(
+                    &generation,
+                    "GET",
+                    &target,
+                    Verdict::Deny,
+                    false,
+                    decision.block.clone(),
+                    &reason,
+                );
+                return;
+            }
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt as _;
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
@@ -795,11 +796,25 @@ struct CurrentGeneration(Arc<SandboxNet>);
 
 impl PolicySource for CurrentGeneration {
     fn current(&self) -> inspect::Generation {
-        let generation = self.0.generation();
-        inspect::Generation {
-            policy: generation.shared_policy(),
-            revision: generation.revision(),
-        }
+        inspect_generation(&self.0.generation())
+    }
+
+    fn updates(&self) -> futures_util::stream::BoxStream<'static, inspect::Generation> {
+        let changes = self.0.subscribe();
+        futures_util::stream::unfold(changes, |mut changes| async move {
+            // Ends when the sandbox is removed (its sender is dropped).
+            changes.changed().await.ok()?;
+            let generation = inspect_generation(&changes.borrow_and_update());
+            Some((generation, changes))
+        })
+        .boxed()
+    }
+}
+
+fn inspect_generation(generation: &Generation) -> inspect::Generation {
+    inspect::Generation {
+        policy: generation.shared_policy(),
+        revision: generation.revision(),
     }
 }
 

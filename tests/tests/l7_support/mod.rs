@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use openshell::inspect::{self, Generation, InspectContext, RequestRecord};
+use futures_util::StreamExt as _;
+use openshell::inspect::{self, Generation, InspectContext, PolicySource, RequestRecord};
 use openshell::tls::{SandboxCa, upstream_client_config};
 use openshell_tests::netns::TestNet;
 use openshell_tests::upstream::{TestCa, Upstream};
@@ -44,11 +45,42 @@ pub struct Harness<U = Upstream> {
     pub ca_file: PathBuf,
     pub log: Arc<Mutex<Vec<RequestRecord>>>,
     pub upstream: U,
+    /// The generation the inspector judges by; [`Harness::set_policy`] replaces it.
+    pub policy: Arc<Policies>,
     /// A scratch directory removed with the harness.
     pub dir: PathBuf,
     _dir: TempDir,
     task: tokio::task::JoinHandle<()>,
+    /// The task serving each accepted connection.
+    served: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     _net: TestNet,
+}
+
+/// A policy source that tests replace, as `policy set` does in the gateway.
+pub struct Policies(tokio::sync::watch::Sender<Generation>);
+
+impl PolicySource for Policies {
+    fn current(&self) -> Generation {
+        self.0.borrow().clone()
+    }
+
+    fn updates(&self) -> futures_util::stream::BoxStream<'static, Generation> {
+        futures_util::stream::unfold(self.0.subscribe(), |mut changes| async move {
+            changes.changed().await.ok()?;
+            let generation = changes.borrow_and_update().clone();
+            Some((generation, changes))
+        })
+        .boxed()
+    }
+}
+
+fn compile(policy_text: &str, revision: i64) -> anyhow::Result<Generation> {
+    let policy =
+        openshell::policy::parse("test.yaml", policy_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Generation {
+        policy: Arc::new(policy.compile()),
+        revision,
+    })
 }
 
 struct TempDir(PathBuf);
@@ -83,12 +115,10 @@ impl<U> Harness<U> {
     ) -> anyhow::Result<Self> {
         let net = TestNet::new()?;
         let test_ca = TestCa::new()?;
-        let policy = openshell::policy::parse("test.yaml", policy_text)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let generation = Generation {
-            policy: Arc::new(policy.compile()),
-            revision: 1,
-        };
+        let policy = Arc::new(Policies(tokio::sync::watch::Sender::new(compile(
+            policy_text,
+            1,
+        )?)));
         let ca = Arc::new(SandboxCa::generate("l7-test")?);
         let dir = std::env::temp_dir().join(format!(
             "openshell-l7-{}-{}",
@@ -106,6 +136,8 @@ impl<U> Harness<U> {
         let addr = listener.local_addr()?;
         let (ca2, log2, host2) = (Arc::clone(&ca), Arc::clone(&log), Arc::<str>::from(host));
         let binary = PathBuf::from(binary);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let (policy2, served2) = (Arc::clone(&policy), Arc::clone(&served));
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let ctx = InspectContext {
@@ -119,12 +151,13 @@ impl<U> Harness<U> {
                     terminate_tls: true,
                     ca: Arc::clone(&ca2),
                     upstream_tls: Arc::clone(&upstream_tls),
-                    policy: Arc::new(generation.clone()),
+                    policy: Arc::clone(&policy2) as Arc<dyn PolicySource>,
                     log: Arc::clone(&log2) as Arc<dyn inspect::RequestLog>,
                 };
-                tokio::spawn(async move {
+                let serving = tokio::spawn(async move {
                     let _ = inspect::serve(tcp, ctx).await;
                 });
+                served2.lock().expect("served").push(serving);
             }
         });
         Ok(Self {
@@ -134,11 +167,27 @@ impl<U> Harness<U> {
             ca_file,
             log,
             upstream,
+            policy,
             dir: dir.0.clone(),
             _dir: dir,
             task,
+            served,
             _net: net,
         })
+    }
+
+    /// Puts `policy_text` in force as `revision`, as a `policy set` does.
+    pub fn set_policy(&self, policy_text: &str, revision: i64) {
+        let generation = compile(policy_text, revision).expect("test policy compiles");
+        self.policy.0.send_replace(generation);
+    }
+
+    /// Drops every connection's serving task, as the proxy does with a connection that a new
+    /// generation no longer allows.
+    pub fn revoke_all(&self) {
+        for serving in self.served.lock().expect("served").iter() {
+            serving.abort();
+        }
     }
 
     /// curl, reaching the inspector as if `host:443` were dialed: SNI and Host name `host`.
@@ -220,6 +269,7 @@ impl Harness {
 impl<U> Drop for Harness<U> {
     fn drop(&mut self) {
         self.task.abort();
+        self.revoke_all();
     }
 }
 
