@@ -316,16 +316,25 @@ async fn relay_ends(
     assert!(ended.is_ok(), "the relayed WebSocket stayed open");
 }
 
+/// A harness and a WebSocket to `/ws/echo` through it that has echoed one message.
+async fn relaying() -> (
+    Harness<EchoServer>,
+    WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let h = harness().await;
+    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
+    ws.send(Message::text("one")).await.expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    (h, ws)
+}
+
 /// A new generation that still allows the upgrade's `GET` leaves the relay alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_that_still_allows_the_path_keeps_the_relay() {
     if skip_unless_root() {
         return;
     }
-    let h = harness().await;
-    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
-    ws.send(Message::text("one")).await.expect("send");
-    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    let (h, mut ws) = relaying().await;
     h.set_policy(&chat_policy_allowing("/ws/echo"), 2);
     h.set_policy(&chat_policy_allowing("/ws/*"), 3);
     ws.send(Message::text("two"))
@@ -343,10 +352,7 @@ async fn reload_that_no_longer_allows_the_path_closes_the_relay() {
     if skip_unless_root() {
         return;
     }
-    let h = harness().await;
-    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
-    ws.send(Message::text("one")).await.expect("send");
-    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    let (h, mut ws) = relaying().await;
     h.set_policy(&chat_policy_allowing("/ws/other/**"), 2);
     relay_ends(&mut ws).await;
     let log = h.log.lock().expect("log").clone();
@@ -373,10 +379,7 @@ async fn revoking_the_connection_closes_the_relay() {
     if skip_unless_root() {
         return;
     }
-    let h = harness().await;
-    let mut ws = open(&h, "/ws/echo").await.expect("upgrade allowed");
-    ws.send(Message::text("one")).await.expect("send");
-    assert_eq!(next_message(&mut ws).await, Message::text("echo: one"));
+    let (h, mut ws) = relaying().await;
     h.revoke_all();
     relay_ends(&mut ws).await;
 }
