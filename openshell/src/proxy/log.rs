@@ -169,7 +169,6 @@ impl DecisionLog for MemoryLog {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use crate::store::{NewSandbox, SqliteStore};
 
