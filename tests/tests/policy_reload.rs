@@ -330,6 +330,25 @@ fn iterate_on_a_running_sandbox() {
         ])
         .unwrap();
     assert_eq!(run.code, Some(124), "{run:?}");
+    // No gateway and an invalid file: the CLI checks the file itself, so it still says why and
+    // exits 1.
+    let run = gw
+        .run(&[
+            "policy",
+            "set",
+            "iter",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains(&prefix), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("the policy of sandbox \"iter\" is unchanged"),
+        "{run:?}"
+    );
 
     // A restarted gateway restores revision 3, not the creation policy.
     let run = curl(&gw, "https://pypi.org/after-restart");

@@ -347,17 +347,21 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let parsed = match scope {
-        Scope::Sandbox(_) => policy::parse(&source, &text).map(drop),
-        Scope::Global => parse_global(&source, &text).map(drop),
-    };
-    if let Err(errors) = parsed {
+    let invalid = |errors: &dyn std::fmt::Display| {
         eprintln!("{errors}");
         match scope {
             Scope::Sandbox(name) => eprintln!("the policy of sandbox {name:?} is unchanged"),
             Scope::Global => eprintln!("the global policy is unchanged"),
         }
-        return Ok(ExitCode::FAILURE);
+        ExitCode::FAILURE
+    };
+    // A sandbox's policy is validated by the gateway alone, which answers with the same
+    // `FILE:LINE:COL` errors (parsing a large file is most of a reload's time, so it is done
+    // once). A global policy is validated here first, before asking for confirmation.
+    if scope == Scope::Global
+        && let Err(errors) = parse_global(&source, &text)
+    {
+        return Ok(invalid(&errors));
     }
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let client = Client::new(Paths::from_env())?;
@@ -372,7 +376,18 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
     let label = scope.label();
     let result = match scope.submit(&client, &request) {
         Ok(r) => r,
+        // Validation errors are already complete `FILE:LINE:COL: error: ...` lines.
+        Err(ClientError::Api { kind, message, .. }) if kind == "invalid_policy" => {
+            return Ok(invalid(&message));
+        }
         Err(e) => {
+            // Without a gateway the file is still checked, so that an invalid one says why and
+            // exits 1 as it would with a gateway.
+            if unreachable(&e)
+                && let Err(errors) = policy::parse(&request.policy_source, &request.policy)
+            {
+                return Ok(invalid(&errors));
+            }
             eprintln!("error: {e}");
             let code = if args.wait && unreachable(&e) {
                 EXIT_TIMEOUT

@@ -5,7 +5,6 @@
 use std::{os::fd::OwnedFd, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::sandbox::{Compatibility, FsRules, LaunchSpec, ReadOnlyBind, SandboxStdio};
 
@@ -36,8 +35,8 @@ pub struct PolicyRejected(pub String);
 /// Validates `text` (named `source` in error messages) and extracts its static sections.
 pub fn static_config(source: &str, text: &str) -> Result<LoadedPolicy, PolicyRejected> {
     let policy = crate::policy::parse(source, text).map_err(|e| PolicyRejected(e.to_string()))?;
-    let canonical = policy
-        .to_canonical_yaml()
+    let sha256 = policy
+        .canonical_sha256()
         .map_err(|e| PolicyRejected(format!("{source}: writing the canonical form: {e}")))?;
     let compatibility = match policy.landlock.compatibility {
         crate::policy::Compatibility::BestEffort => Compatibility::BestEffort,
@@ -52,12 +51,8 @@ pub fn static_config(source: &str, text: &str) -> Result<LoadedPolicy, PolicyRej
             run_as_user: policy.process.run_as_user,
             run_as_group: policy.process.run_as_group,
         },
-        sha256: hex(&Sha256::digest(canonical.as_bytes())),
+        sha256,
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What to start and where.

@@ -144,6 +144,8 @@ pub struct Sandboxes {
     pub(super) policy_lock: Mutex<()>,
     /// Bumped whenever a policy revision leaves `pending` (for `policy set --wait`).
     settled: tokio::sync::watch::Sender<u64>,
+    /// Creation policies already parsed for their static sections, by revision hash.
+    pub(super) creation_statics: super::revisions::StaticsCache,
 }
 
 fn now_ms() -> i64 {
@@ -209,6 +211,7 @@ impl Sandboxes {
             lock: Mutex::new(()),
             policy_lock: Mutex::new(()),
             settled: tokio::sync::watch::Sender::new(0),
+            creation_statics: super::revisions::StaticsCache::default(),
         }
     }
 

@@ -19,9 +19,11 @@
 //! newest loaded revision back in force. The global policy in force is simply the newest
 //! `loaded` revision of the global scope.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use sha2::{Digest as _, Sha256};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use super::{
     api::{DeleteGlobalResult, EffectivePolicy, PolicySource, SetPolicy, SetPolicyResult},
@@ -92,16 +94,17 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// `sha256:`-less lowercase hex SHA-256 of the policy's canonical form.
-fn canonical_sha256(policy: &Policy, source: &str) -> Result<(String, String), RevisionError> {
-    let canonical = policy.to_canonical_yaml().map_err(|e| {
-        RevisionError::Invalid(format!("{source}: writing the canonical form: {e}"))
-    })?;
-    let hex = Sha256::digest(canonical.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((canonical, hex))
+/// `sha256:`-less lowercase hex SHA-256 of the policy's canonical form
+/// ([`Policy::canonical_sha256`]).
+fn canonical_sha256(policy: &Policy, source: &str) -> Result<String, RevisionError> {
+    policy
+        .canonical_sha256()
+        .map_err(|e| RevisionError::Invalid(format!("{source}: writing the canonical form: {e}")))
+}
+
+/// Milliseconds of `d`, for the step timings in the gateway's log.
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
 /// `policy` with the static sections it omits taken from `creation`, so that two policies
@@ -124,6 +127,39 @@ fn changed_static_section(new: &Policy, creation: &Policy) -> Option<&'static st
         Some("process")
     } else {
         None
+    }
+}
+
+/// The static sections of creation policies, by the hash of their revision (content-addressed,
+/// so a sandbox deleted and created again under the same name cannot see a stale entry): each
+/// `policy set` needs them, and parsing the creation policy again costs as much as the new one.
+#[derive(Debug, Default)]
+pub struct StaticsCache(Mutex<HashMap<String, Arc<Policy>>>);
+
+impl StaticsCache {
+    /// More entries than sandboxes on one host; past it the cache starts over.
+    const MAX_ENTRIES: usize = 1024;
+
+    /// The static sections of creation revision `rev` (a policy without network blocks),
+    /// parsed with `parse` the first time.
+    fn get_or_parse(
+        &self,
+        rev: &PolicyRevision,
+        parse: impl FnOnce() -> Result<Policy, RevisionError>,
+    ) -> Result<Arc<Policy>, RevisionError> {
+        let lock = || self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(statics) = lock().get(&rev.sha256) {
+            return Ok(Arc::clone(statics));
+        }
+        let mut statics = parse()?;
+        statics.network.clear();
+        let statics = Arc::new(statics);
+        let mut cache = lock();
+        if cache.len() >= Self::MAX_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(rev.sha256.clone(), Arc::clone(&statics));
+        Ok(statics)
     }
 }
 
@@ -315,10 +351,18 @@ impl Sandboxes {
         req: &SetPolicy,
         recorded: impl FnOnce(SetPolicyResult),
     ) -> Result<(), RevisionError> {
+        // Validation comes first, outside the lock (it is most of a large reload's time): an
+        // invalid file is reported as such whatever the state of the sandbox, as the CLI did
+        // when it validated the file itself.
+        let started = Instant::now();
+        let new = policy::parse(&req.policy_source, &req.policy)
+            .map_err(|e| RevisionError::Invalid(e.to_string()))?;
+        let validated = started.elapsed();
         let _guard = self
             .policy_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let locked = Instant::now();
         let creation_source = self.ready_source(name)?;
         if let Some(global) = global_in_force(self.store().as_ref())? {
             return Err(RevisionError::GlobalInForce {
@@ -326,8 +370,6 @@ impl Sandboxes {
                 version: global.version,
             });
         }
-        let new = policy::parse(&req.policy_source, &req.policy)
-            .map_err(|e| RevisionError::Invalid(e.to_string()))?;
         // Only the two revisions needed, not every stored one: the cost of a reload must not
         // grow with the sandbox's history.
         let first =
@@ -337,7 +379,9 @@ impl Sandboxes {
                     name: name.to_owned(),
                     version: 1,
                 })?;
-        let creation = Self::parse_stored(name, &creation_source, &first)?;
+        let creation = self.creation_statics.get_or_parse(&first, || {
+            Self::parse_stored(name, &creation_source, &first)
+        })?;
         if let Some(section) = changed_static_section(&new, &creation) {
             return Err(RevisionError::StaticChanged {
                 name: name.to_owned(),
@@ -345,7 +389,10 @@ impl Sandboxes {
             });
         }
         let new = with_creation_statics(new, &creation);
-        let (_, sha256) = canonical_sha256(&new, &req.policy_source)?;
+        let checked = locked.elapsed();
+        let t = Instant::now();
+        let sha256 = canonical_sha256(&new, &req.policy_source)?;
+        let hashed = t.elapsed();
         // Every revision's hash is that of its canonical form with the creation statics, so
         // comparing hashes compares policies without parsing the one in force again.
         if let Some(current) = self.store().revision(Some(name), None)?
@@ -357,16 +404,19 @@ impl Sandboxes {
             });
             return Ok(());
         }
+        let t = Instant::now();
         let rev = self
             .store()
             .add_revision(Some(name), &req.policy, &sha256, now_ms())?;
         let version = rev.version;
+        let stored = t.elapsed();
         recorded(SetPolicyResult {
             unchanged: false,
             revision: rev,
         });
         self.failpoint("policy-after-record");
         self.pause("policy-before-load");
+        let t = Instant::now();
         let loaded = match self.network() {
             _ if self.failing("policy-load-fails") => {
                 Err("failpoint policy-load-fails: loading refused".to_owned())
@@ -374,13 +424,16 @@ impl Sandboxes {
             Some(network) => network.load_policy(name, &new, version),
             None => Ok(()),
         };
+        let swapped = t.elapsed();
         let (status, error) = match &loaded {
             Ok(()) => (RevisionStatus::Loaded, None),
             Err(message) => (RevisionStatus::Failed, Some(message.as_str())),
         };
+        let t = Instant::now();
         self.store()
             .set_revision_status(Some(name), version, status, error)?;
         self.revision_settled();
+        let settled = t.elapsed();
         let (kind, message) = match loaded {
             Ok(()) => (
                 EventKind::PolicyLoaded,
@@ -391,7 +444,17 @@ impl Sandboxes {
                 format!("policy revision {version} failed; the previous one stays in force: {e}"),
             ),
         };
-        eprintln!("gateway: sandbox {name:?}: {message}");
+        // Where the time went, for BENCHMARKS.md and for operators wondering why a reload of a
+        // large policy is slow.
+        eprintln!(
+            "gateway: sandbox {name:?}: {message} (validate {}, static check {}, hash {}, record {}, compile and swap {}, status {})",
+            ms(validated),
+            ms(checked),
+            ms(hashed),
+            ms(stored),
+            ms(swapped),
+            ms(settled)
+        );
         self.record_event(Some(name), kind, Some(version), message);
         Ok(())
     }
@@ -431,23 +494,16 @@ impl Sandboxes {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let new = parse_global(&req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
-        let (canonical, sha256) = canonical_sha256(&new, &req.policy_source)?;
+        let sha256 = canonical_sha256(&new, &req.policy_source)?;
         let previous = global_in_force(self.store().as_ref())?;
-        if let Some(current) = &previous {
-            let in_force = parse_global(GLOBAL_SOURCE, &current.policy).map_err(|e| {
-                RevisionError::Corrupt {
-                    name: GLOBAL_SOURCE.to_owned(),
-                    version: current.version,
-                    message: e.to_string(),
-                }
-            })?;
-            if canonical_sha256(&in_force, GLOBAL_SOURCE)?.0 == canonical {
-                recorded(SetPolicyResult {
-                    unchanged: true,
-                    revision: current.clone(),
-                });
-                return Ok(());
-            }
+        // Every global revision's hash is that of its canonical form: equal hashes, equal
+        // policies.
+        if let Some(current) = previous.as_ref().filter(|c| c.sha256 == sha256) {
+            recorded(SetPolicyResult {
+                unchanged: true,
+                revision: current.clone(),
+            });
+            return Ok(());
         }
         // No sandbox is created or deleted while the policy changes under them.
         let _lifecycle = self.lifecycle_guard();
@@ -649,6 +705,38 @@ network_policies:
         let a = canonical_sha256(&with_creation_statics(network_only, &creation), "x").unwrap();
         let b = canonical_sha256(&with_creation_statics(creation.clone(), &creation), "x").unwrap();
         assert_eq!(a, b);
+        let other = canonical_sha256(&parse(&CREATION.replace("443", "8443")), "x").unwrap();
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn creation_statics_are_parsed_once_per_revision_hash() {
+        let cache = StaticsCache::default();
+        let rev = |sha256: &str| PolicyRevision {
+            sandbox: Some("a".into()),
+            version: 1,
+            sha256: sha256.to_owned(),
+            policy: CREATION.to_owned(),
+            status: RevisionStatus::Loaded,
+            error: None,
+            created_ms: 0,
+        };
+        let mut parses = 0;
+        for sha256 in ["h1", "h1", "h2"] {
+            let statics = cache
+                .get_or_parse(&rev(sha256), || {
+                    parses += 1;
+                    Ok(parse(CREATION))
+                })
+                .unwrap();
+            assert_eq!(statics.filesystem, parse(CREATION).filesystem);
+            assert!(statics.network.is_empty());
+        }
+        assert_eq!(parses, 2);
+        let failed = cache.get_or_parse(&rev("h3"), || {
+            Err(RevisionError::Invalid("corrupt".to_owned()))
+        });
+        assert!(failed.is_err());
     }
 
     #[test]

@@ -79,6 +79,18 @@ CREATE TABLE events (
 CREATE INDEX events_sandbox_id ON events (sandbox, id);
 CREATE INDEX decisions_sandbox_id ON decisions (sandbox, id);
 ",
+    // A revision's text in a table of its own: SQLite rewrites a whole row on UPDATE, so a
+    // status change of a revision of a 1 MB policy wrote 1 MB (twice: the new revision and the
+    // one it supersedes). The index serves the lookups by scope and version.
+    r"
+CREATE TABLE policy_texts (
+    revision_id INTEGER PRIMARY KEY REFERENCES policy_revisions(id) ON DELETE CASCADE,
+    policy      TEXT NOT NULL
+);
+INSERT INTO policy_texts (revision_id, policy) SELECT id, policy FROM policy_revisions;
+ALTER TABLE policy_revisions DROP COLUMN policy;
+CREATE INDEX policy_revisions_sandbox_version ON policy_revisions (sandbox_id, version);
+",
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -180,7 +192,34 @@ fn with_phase((mut rec, phase): (SandboxRecord, String)) -> Result<SandboxRecord
 }
 
 const REVISION_COLUMNS: &str =
-    "s.name, r.version, r.sha256, r.policy, r.status, r.error, r.created_ms";
+    "s.name, r.version, r.sha256, t.policy, r.status, r.error, r.created_ms";
+/// The tables [`REVISION_COLUMNS`] come from.
+const REVISION_TABLES: &str = "policy_revisions r
+     JOIN policy_texts t ON t.revision_id = r.id
+     LEFT JOIN sandboxes s ON s.id = r.sandbox_id";
+
+/// Inserts a revision (status `pending`) and its text.
+fn insert_revision(
+    tx: &rusqlite::Transaction<'_>,
+    sandbox_id: Option<i64>,
+    version: i64,
+    sha256: &str,
+    policy: &str,
+    created_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO policy_revisions (sandbox_id, version, sha256, status, created_ms)
+         VALUES (?1, ?2, ?3, 'pending', ?4)",
+        params![sandbox_id, version, sha256, created_ms],
+    )
+    .map_err(sql("inserting policy revision"))?;
+    tx.execute(
+        "INSERT INTO policy_texts (revision_id, policy) VALUES (?1, ?2)",
+        params![tx.last_insert_rowid(), policy],
+    )
+    .map_err(sql("inserting policy text"))?;
+    Ok(())
+}
 
 fn revision_row(row: &Row<'_>) -> rusqlite::Result<(PolicyRevision, String)> {
     Ok((
@@ -237,12 +276,14 @@ impl Store for SqliteStore {
             Err(e) => return Err(sql("inserting sandbox")(e)),
         }
         let id = tx.last_insert_rowid();
-        tx.execute(
-            "INSERT INTO policy_revisions (sandbox_id, version, sha256, policy, status, created_ms)
-             VALUES (?1, 1, ?2, ?3, 'pending', ?4)",
-            params![id, new.policy_sha256, new.policy_text, new.created_ms],
-        )
-        .map_err(sql("inserting policy revision"))?;
+        insert_revision(
+            &tx,
+            Some(id),
+            1,
+            &new.policy_sha256,
+            &new.policy_text,
+            new.created_ms,
+        )?;
         tx.commit().map_err(sql("committing sandbox"))?;
         Ok(SandboxRecord {
             name: new.name.clone(),
@@ -346,12 +387,7 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(sql("numbering policy revision"))?;
-        tx.execute(
-            "INSERT INTO policy_revisions (sandbox_id, version, sha256, policy, status, created_ms)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-            params![id, version, sha256, policy, created_ms],
-        )
-        .map_err(sql("inserting policy revision"))?;
+        insert_revision(&tx, id, version, sha256, policy, created_ms)?;
         tx.commit().map_err(sql("committing policy revision"))?;
         Ok(PolicyRevision {
             sandbox: sandbox.map(str::to_owned),
@@ -395,8 +431,7 @@ impl Store for SqliteStore {
         let id = sandbox_id(&conn, sandbox)?;
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT {REVISION_COLUMNS} FROM policy_revisions r
-                 LEFT JOIN sandboxes s ON s.id = r.sandbox_id
+                "SELECT {REVISION_COLUMNS} FROM {REVISION_TABLES}
                  WHERE r.sandbox_id IS ?1 ORDER BY r.version DESC"
             ))
             .map_err(sql("listing policy revisions"))?;
@@ -424,8 +459,7 @@ impl Store for SqliteStore {
         let found = conn
             .query_row(
                 &format!(
-                    "SELECT {REVISION_COLUMNS} FROM policy_revisions r
-                     LEFT JOIN sandboxes s ON s.id = r.sandbox_id
+                    "SELECT {REVISION_COLUMNS} FROM {REVISION_TABLES}
                      WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
                        AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
                      ORDER BY r.version DESC LIMIT 1"
@@ -904,6 +938,59 @@ mod tests {
         assert_eq!(page.rows[1].1.kind, EventKind::SandboxCreated);
         store.delete_sandbox("a").unwrap();
         assert_eq!(store.event_page("a", &all).unwrap().rows.len(), 2);
+    }
+
+    #[test]
+    fn revisions_of_a_first_schema_database_keep_their_text_and_lose_it_with_their_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute_batch(
+                "INSERT INTO sandboxes (id, name, phase, keep, policy_source, static_policy, created_ms)
+                 VALUES (7, 'a', 'ready', 0, 'p.yaml', '{}', 1);
+                 INSERT INTO policy_revisions (sandbox_id, version, sha256, policy, status, created_ms)
+                 VALUES (7, 1, 'h1', 'version: 1\n', 'superseded', 1),
+                        (7, 2, 'h2', 'version: 1\nnetwork_policies: {}\n', 'loaded', 2),
+                        (NULL, 1, 'g1', 'global', 'loaded', 3);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let revs = store.revisions(Some("a")).unwrap();
+        assert_eq!(
+            revs.iter()
+                .map(|r| (r.version, r.sha256.as_str(), r.policy.as_str(), r.status))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    2,
+                    "h2",
+                    "version: 1\nnetwork_policies: {}\n",
+                    RevisionStatus::Loaded
+                ),
+                (1, "h1", "version: 1\n", RevisionStatus::Superseded),
+            ]
+        );
+        assert_eq!(
+            store.revision(None, None).unwrap().unwrap().policy,
+            "global"
+        );
+        let three = store.add_revision(Some("a"), "three", "h3", 4).unwrap();
+        assert_eq!(three.version, 3);
+        store
+            .set_revision_status(Some("a"), 3, RevisionStatus::Loaded, None)
+            .unwrap();
+        let current = store.revision(Some("a"), None).unwrap().unwrap();
+        assert_eq!((current.version, current.policy.as_str()), (3, "three"));
+        store.delete_sandbox("a").unwrap();
+        let texts: i64 = store
+            .conn()
+            .query_row("SELECT count(*) FROM policy_texts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(texts, 1, "only the global revision's text is left");
     }
 
     #[test]
