@@ -427,6 +427,11 @@ fn relay(ctx: &SkBuffContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN: TCP has processed it already, and the kernel's sending worker would take
+        // an empty segment for a failed send (EPIPE on the peer). Nothing to forward.
+        return sk_action::SK_DROP;
+    }
     if RELAY_SOCKETS.redirect_skb(ctx, peer, 0) == i64::from(sk_action::SK_PASS) {
         if let Some(sent) = RELAY_SENT.get_ptr_mut(&cookie) {
             // SAFETY: the entry is this socket's; the kernel runs the verdict program of one

@@ -369,3 +369,36 @@ async fn a_reader_that_does_not_read_stops_the_sender() {
     drop(client);
     let _ = finish(task).await;
 }
+
+/// The server closed before the relay started (its FIN already at the proxy; a socket past
+/// ESTABLISHED cannot join the map, so the relay copies): the client sees a clean end of
+/// stream, 50 times in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_closed_before_the_join() {
+    let Some((_fixture, kernel)) = kernel_relay("krelay-closed") else {
+        return;
+    };
+    for _ in 0..50 {
+        let (proxy_upstream_side, server) = pair().await;
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let (proxy_client_side, client) = pair().await;
+        // `start` wants the server end too; this one is the closed server's stand-in.
+        let (_, stand_in) = pair().await;
+        let Running {
+            mut client, task, ..
+        } = start(
+            Some(&kernel),
+            (proxy_client_side, client),
+            (proxy_upstream_side, stand_in),
+        );
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(TIMEOUT, client.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert!(read.is_ok(), "{read:?}");
+        drop(client);
+        let outcome = finish(task).await;
+        assert!(matches!(outcome.end, RelayEnd::Finished), "{outcome:?}");
+    }
+}
