@@ -58,8 +58,8 @@ pub mod map_names {
     /// `openshell_relay` program forwards in the kernel. Not pinned: the sockets belong to one
     /// gateway process.
     pub const RELAY_SOCKETS: &str = "OPENSHELL_RELAY_SOCKETS";
-    /// `HashMap<u64 socket cookie, u64 peer cookie>`: where `openshell_relay` forwards a
-    /// socket's bytes. No entry: the bytes stay on the socket, for user space to read.
+    /// `HashMap<u64 socket cookie, RelayPeer>`: where `openshell_relay` forwards a socket's
+    /// bytes, and how many it may. No entry: the bytes stay on the socket, for user space.
     pub const RELAY_PEERS: &str = "OPENSHELL_RELAY_PEERS";
     /// `HashMap<u64 socket cookie, u64 bytes>`: how many bytes `openshell_relay` forwarded from
     /// the socket to its peer.
@@ -284,6 +284,21 @@ impl PeerKey {
     }
 }
 
+/// Where the kernel relay forwards one socket's bytes ([`map_names::RELAY_PEERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayPeer {
+    /// Socket cookie of the peer the bytes go out of.
+    pub peer: u64,
+    /// The program forwards while the socket's forwarded total ([`map_names::RELAY_SENT`])
+    /// stays within this; a segment that would pass it stays on the socket, and the program
+    /// deletes the entry (user space relays the rest). User space raises it as the peer's
+    /// stream takes the forwarded bytes, which bounds what the kernel holds queued.
+    pub credit: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
+
 #[cfg(feature = "user")]
 #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
 mod pod {
@@ -294,4 +309,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RelayPeer {}
 }

@@ -49,6 +49,7 @@ use aya_log_ebpf::debug;
 use openshell_common::{
     AF_INET, AF_INET6, CgroupMode, Config, ConnectRecord, Counter, Endpoint, Ipv4Be, Ipv6Be,
     KernelDev, KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY, RELAY_CAPACITY,
+    RelayPeer,
     decide::{
         Action, BindAction, PacketDst, bind4_action, bind6_action, connect_action, ingress_allowed,
         sendmsg_action,
@@ -82,7 +83,7 @@ static MODES: HashMap<u64, u32> = HashMap::with_max_entries(MODE_CAPACITY, 0);
 static RELAY_SOCKETS: SockHash<u64> = SockHash::with_max_entries(RELAY_CAPACITY, 0);
 
 #[map(name = "OPENSHELL_RELAY_PEERS")]
-static RELAY_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, 0);
+static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(RELAY_CAPACITY, 0);
 
 #[map(name = "OPENSHELL_RELAY_SENT")]
 static RELAY_SENT: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, 0);
@@ -422,7 +423,7 @@ fn relay(ctx: &SkBuffContext) -> u32 {
     // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed in; the helper only reads the
     // socket that received it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is a plain u64, copied out at once.
+    // SAFETY: the value is plain data, copied out at once.
     let Some(peer) = (unsafe { RELAY_PEERS.get(&cookie) }).copied() else {
         return sk_action::SK_PASS;
     };
@@ -432,17 +433,23 @@ fn relay(ctx: &SkBuffContext) -> u32 {
         // an empty segment for a failed send (EPIPE on the peer). Nothing to forward.
         return sk_action::SK_DROP;
     }
-    if RELAY_SOCKETS.redirect_skb(ctx, peer, 0) == i64::from(sk_action::SK_PASS) {
-        if let Some(sent) = RELAY_SENT.get_ptr_mut(&cookie) {
-            // SAFETY: the entry is this socket's; the kernel runs the verdict program of one
-            // socket under its lock, so nothing else writes it, and an aligned u64 store is
-            // seen whole by user space.
-            unsafe { *sent += len };
-        }
+    let Some(sent) = RELAY_SENT.get_ptr_mut(&cookie) else {
+        let _ = RELAY_PEERS.remove(&cookie);
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the entry is this socket's; the kernel runs the verdict program of one socket
+    // under its lock, so nothing else writes it, and an aligned u64 store is seen whole by
+    // user space.
+    let before = unsafe { *sent };
+    if before + len <= peer.credit
+        && RELAY_SOCKETS.redirect_skb(ctx, peer.peer, 0) == i64::from(sk_action::SK_PASS)
+    {
+        // SAFETY: as above.
+        unsafe { *sent = before + len };
         return sk_action::SK_PASS;
     }
-    // The peer left the map (it closed). This segment goes to user space, and so must every
-    // later one, or they would overtake it.
+    // Out of credit, or the peer left the map (it closed). This segment goes to user space,
+    // and so must every later one, or they would overtake it.
     let _ = RELAY_PEERS.remove(&cookie);
     sk_action::SK_PASS
 }

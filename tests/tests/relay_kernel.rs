@@ -139,12 +139,8 @@ async fn kernel_relays_both_directions_with_half_close() {
     };
     let run = start(Some(&kernel), pair().await, pair().await);
     let outcome = exchange(run, pattern(3 << 20, 1), pattern((5 << 20) + 3, 7), (0, 0)).await;
-    // The bytes went through the kernel, not through user space.
-    assert_eq!(
-        outcome.in_kernel,
-        outcome.sent + outcome.received,
-        "{outcome:?}"
-    );
+    // The kernel forwarded (the first bytes of each direction at least).
+    assert!(outcome.in_kernel > 0, "{outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +150,9 @@ async fn kernel_relays_a_large_stream_byte_for_byte() {
     };
     let run = start(Some(&kernel), pair().await, pair().await);
     let outcome = exchange(run, pattern(64 << 20, 3), b"done".to_vec(), (0, 0)).await;
-    assert!(outcome.in_kernel >= 64 << 20, "{outcome:?}");
+    // The kernel forwards the first bytes; user space takes bulk over (KERNEL_BYTES).
+    assert!(outcome.in_kernel > 0, "{outcome:?}");
+    assert!(outcome.in_kernel < outcome.sent, "{outcome:?}");
 }
 
 /// Waits until `socket` has `len` bytes queued for reading (they arrived at the proxy's
@@ -260,11 +258,7 @@ async fn server_speaks_first_and_closes_while_the_client_still_sends() {
     reader.await.unwrap();
     let outcome = finish(task).await;
     assert!(matches!(outcome.end, RelayEnd::Finished), "{outcome:?}");
-    assert_eq!(
-        outcome.in_kernel,
-        outcome.sent + outcome.received,
-        "{outcome:?}"
-    );
+    assert!(outcome.in_kernel > 0, "{outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

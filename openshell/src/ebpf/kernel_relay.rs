@@ -23,9 +23,12 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
-use openshell_common::map_names;
+use openshell_common::{RelayPeer, map_names};
 
 use super::{EbpfError, is_not_found, take_map};
+
+/// Map update flag: only replace an existing entry.
+const BPF_EXIST: u64 = 2;
 
 /// The program's name in the object.
 const PROGRAM: &str = "openshell_relay";
@@ -33,7 +36,7 @@ const PROGRAM: &str = "openshell_relay";
 /// The relay maps of one loaded object, with the verdict program attached to the socket map.
 pub struct KernelRelay {
     sockets: Mutex<SockHash<MapData, u64>>,
-    peers: Mutex<HashMap<MapData, u64, u64>>,
+    peers: Mutex<HashMap<MapData, u64, RelayPeer>>,
     sent: Mutex<HashMap<MapData, u64, u64>>,
 }
 
@@ -79,7 +82,8 @@ impl KernelRelay {
         })
     }
 
-    /// Makes the kernel forward what `a` receives out of `b` and the other way round.
+    /// Makes the kernel forward what `a` receives out of `b` and the other way round, up to
+    /// `credit` bytes each way until [`Joined::grant`] raises it.
     ///
     /// Bytes that were already waiting on either socket are pushed through the program too (in
     /// order, before anything newer). On failure nothing stays in the maps, and the caller
@@ -88,6 +92,7 @@ impl KernelRelay {
         &'a self,
         a: BorrowedFd<'_>,
         b: BorrowedFd<'_>,
+        credit: u64,
     ) -> Result<Joined<'a>, EbpfError> {
         let cookie =
             |fd| cookie(fd).map_err(|e| EbpfError::io(std::path::Path::new("SO_COOKIE"), e));
@@ -106,7 +111,7 @@ impl KernelRelay {
                 sent.insert(from, 0, 0)
                     .map_err(|e| EbpfError::map(map_names::RELAY_SENT, e))?;
                 peers
-                    .insert(from, to, 0)
+                    .insert(from, RelayPeer { peer: to, credit }, 0)
                     .map_err(|e| EbpfError::map(map_names::RELAY_PEERS, e))?;
             }
         }
@@ -156,6 +161,25 @@ impl Joined<'_> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match peers.remove(&self.cookie(side)) {
+            Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::RELAY_PEERS, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets the kernel forward up to `credit` bytes (in total) of what `side` receives. Does
+    /// nothing once the direction is stopped (by [`Joined::stop`] or by the program).
+    pub fn grant(&self, side: Side, credit: u64) -> Result<(), EbpfError> {
+        let (cookie, peer) = match side {
+            Side::A => (self.a, self.b),
+            Side::B => (self.b, self.a),
+        };
+        let mut peers = self
+            .relay
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // BPF_EXIST: never bring back an entry the program or `stop` deleted.
+        match peers.insert(cookie, RelayPeer { peer, credit }, BPF_EXIST) {
             Err(e) if !is_not_found(&e) => Err(EbpfError::map(map_names::RELAY_PEERS, e)),
             _ => Ok(()),
         }

@@ -34,11 +34,13 @@
 //!   socket readable, so user space takes that direction over as above.
 //!
 //! Backpressure: the kernel charges the segments it queues on the peer to neither socket, so a
-//! slow reader does not slow the sender down: measured, a client wrote 1 GiB towards a server
-//! that read nothing. The socket still wakes user space for every segment the kernel forwards
-//! (the peek above), and on each wake-up the relay compares what the kernel forwarded with
-//! what the peer's stream holds; past [`KERNEL_BACKLOG`] it takes the direction over in user
-//! space for good, where a full socket stops the copy and so the sender.
+//! slow reader alone does not slow the sender down (measured: a client wrote 1 GiB towards a
+//! server that read nothing). The program therefore forwards a direction only within a credit
+//! (`RelayPeer::credit`) that user space raises, on the wake-ups above, to what the peer's
+//! stream has taken plus [`KERNEL_BACKLOG`]; beyond it, bytes stay on the socket, charged to
+//! it, and user space relays the direction from then on, where a full socket stops the copy
+//! and so the sender. Whether user space runs or not, the kernel never holds more than
+//! [`KERNEL_BACKLOG`] per direction.
 //!
 //! A relay can be ended from outside (a new policy generation no longer allows the connection):
 //! the `revoked` future passed to [`relay`] resolves, and both sockets are reset.
@@ -61,8 +63,12 @@ use crate::ebpf::{Joined, KernelRelay, Side};
 /// Largest buffer of [`RelayMode::Copy`] per direction, and pipe size of [`RelayMode::Splice`].
 pub const RELAY_BUFFER: usize = 256 * 1024;
 /// Bytes the kernel relay may hold queued for one socket (forwarded, not yet in its TCP
-/// stream) before user space takes that direction over.
-const KERNEL_BACKLOG: u64 = 4 * 1024 * 1024;
+/// stream); a direction that would exceed it goes on in user space.
+const KERNEL_BACKLOG: u64 = 1024 * 1024;
+/// Bytes the kernel relay forwards per direction before user space takes it over: in bulk the
+/// copy relay is faster on this machine (BENCHMARKS.md, "Proxy L4"); the kernel relay wins on
+/// the round trip of small exchanges.
+const KERNEL_BYTES: u64 = 8 * 1024 * 1024;
 /// First buffer of [`RelayMode::Copy`] per direction (it grows up to [`RELAY_BUFFER`]).
 const FIRST_BUFFER: usize = 16 * 1024;
 
@@ -269,7 +275,9 @@ fn join<'k>(
         stream_bytes(client.as_raw_fd()).ok()?,
         stream_bytes(upstream.as_raw_fd()).ok()?,
     );
-    let joined = kernel.join(client.as_fd(), upstream.as_fd()).ok()?;
+    let joined = kernel
+        .join(client.as_fd(), upstream.as_fd(), KERNEL_BACKLOG)
+        .ok()?;
     Some((joined, base))
 }
 
@@ -313,18 +321,22 @@ async fn kernel_direction(
 ) -> io::Result<()> {
     // While the kernel forwards, the socket wakes us on every segment it forwarded; peek to
     // tell those from a real end of stream, error or left-over bytes.
-    // Each of those wake-ups also checks how much the kernel holds queued for `to`: it takes
-    // whatever arrives (see "Backpressure" in the module docs), so past [`KERNEL_BACKLOG`]
-    // user space takes the direction over, and the copy's own backpressure applies.
+    // Each of those wake-ups also raises the direction's credit (see `RelayPeer::credit`) to
+    // what `to`'s stream took plus [`KERNEL_BACKLOG`], never past [`KERNEL_BYTES`]: the kernel
+    // takes whatever arrives and charges it to neither socket, so the credit is what bounds
+    // the memory it holds; past it the program leaves the bytes on `from`, which then reads
+    // as readable here, and user space takes the direction over.
+    let mut granted = KERNEL_BACKLOG;
     loop {
         from.readable().await?;
         match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
             Ok(()) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let forwarded = joined.sent(side).map_err(io::Error::other)?;
-                let queued = (to_base + forwarded).saturating_sub(stream_bytes(to.as_raw_fd())?);
-                if queued > KERNEL_BACKLOG {
-                    break;
+                let flushed = stream_bytes(to.as_raw_fd())?.saturating_sub(to_base);
+                let credit = (flushed + KERNEL_BACKLOG).min(KERNEL_BYTES);
+                if credit >= granted + KERNEL_BACKLOG / 4 {
+                    joined.grant(side, credit).map_err(io::Error::other)?;
+                    granted = credit;
                 }
             }
             Err(e) => return Err(e),
