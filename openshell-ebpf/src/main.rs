@@ -424,7 +424,7 @@ fn relay(ctx: &SkBuffContext) -> u32 {
     // socket that received it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is plain data, copied out at once.
-    let Some(peer) = (unsafe { RELAY_PEERS.get(&cookie) }).copied() else {
+    let Some(peer) = (unsafe { RELAY_PEERS.get(cookie) }).copied() else {
         return sk_action::SK_PASS;
     };
     let len = u64::from(ctx.len());
@@ -433,8 +433,8 @@ fn relay(ctx: &SkBuffContext) -> u32 {
         // an empty segment for a failed send (EPIPE on the peer). Nothing to forward.
         return sk_action::SK_DROP;
     }
-    let Some(sent) = RELAY_SENT.get_ptr_mut(&cookie) else {
-        let _ = RELAY_PEERS.remove(&cookie);
+    let Some(sent) = RELAY_SENT.get_ptr_mut(cookie) else {
+        let _ = RELAY_PEERS.remove(cookie);
         return sk_action::SK_PASS;
     };
     // SAFETY: the entry is this socket's; the kernel runs the verdict program of one socket
@@ -450,7 +450,7 @@ fn relay(ctx: &SkBuffContext) -> u32 {
     }
     // Out of credit, or the peer left the map (it closed). This segment goes to user space,
     // and so must every later one, or they would overtake it.
-    let _ = RELAY_PEERS.remove(&cookie);
+    let _ = RELAY_PEERS.remove(cookie);
     sk_action::SK_PASS
 }
 

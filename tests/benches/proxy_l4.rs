@@ -13,8 +13,8 @@
 //! - Throughput: one stream of [`STREAM_BYTES`], measured from connect to the server's close
 //!   (so every byte reached the server), for each relay (kernel, splice, copy).
 //! - New connections/s: connect, then wait for the server's close (a full end-to-end
-//!   connection), one at a time, through the default relay and the copy relay.
-//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, default relay and
+//!   connection), one at a time, through the kernel relay and the copy relay (the default).
+//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, kernel relay and
 //!   copy relay.
 //!
 //! `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (to profile it).
@@ -210,9 +210,8 @@ network_policies:
     for s in &sandboxes {
         run_client(Some(s), "connects", close, 1)?;
     }
-    // Connection rate and round trip: the default relay and the copy relay (the default before
-    // the kernel relay).
-    let per_connection = [RelayMode::default(), RelayMode::Copy];
+    // Connection rate and round trip: the kernel relay and the copy relay (the default).
+    let per_connection = [RelayMode::Kernel, RelayMode::Copy];
     let sandbox_of = |mode: RelayMode| {
         relays
             .iter()

@@ -3,6 +3,8 @@
 //! bytes that were waiting before the sockets were joined, a reset on revocation, and the
 //! user-space fallback without a kernel relay. Needs root.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 mod ebpf_support;
 
 use std::{io, sync::Arc, time::Duration};

@@ -12,7 +12,8 @@
 //!   buffer grows with the stream, up to [`RELAY_BUFFER`].
 //!
 //! `BENCHMARKS.md` ("Proxy L4") has them measured against direct connections; the proxy uses
-//! [`RelayMode::default`], the fastest there (kernel).
+//! [`RelayMode::default`] (copy, the best bulk throughput there; kernel has the lowest round
+//! trip).
 //!
 //! Half-close: when one side finishes sending (`read` returns 0), the relay shuts down the write
 //! half towards the other side and keeps relaying the opposite direction until it ends too. Any
@@ -75,14 +76,15 @@ const FIRST_BUFFER: usize = 16 * 1024;
 /// How the bytes are moved. See the module docs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RelayMode {
-    /// In the kernel, through [`KernelRelay`] (copy when it is not available). The default:
-    /// it measured fastest on this machine (BENCHMARKS.md, "Proxy L4").
-    #[default]
+    /// In the kernel, through [`KernelRelay`] (copy when it is not available). Lowest round
+    /// trip on this machine, but about a third less bulk throughput than copy (BENCHMARKS.md,
+    /// "Proxy L4"), so not the default.
     Kernel,
     /// `splice(2)` through a pipe per direction.
     Splice,
-    /// Copy through a user-space buffer per direction (up to [`RELAY_BUFFER`] bytes). It
-    /// measured faster than splice on this machine (BENCHMARKS.md, "Proxy L4").
+    /// Copy through a user-space buffer per direction (up to [`RELAY_BUFFER`] bytes). The
+    /// default: the best bulk throughput on this machine (BENCHMARKS.md, "Proxy L4").
+    #[default]
     Copy,
 }
 
