@@ -79,14 +79,19 @@ static BY_PEER: LruHashMap<PeerKey, ConnectRecord> =
 #[map(name = "OPENSHELL_MODES")]
 static MODES: HashMap<u64, u32> = HashMap::with_max_entries(MODE_CAPACITY, 0);
 
+/// Flag of the relay maps: entries are allocated when a relay starts, not all up front, since
+/// most gateways relay in user space (`RelayMode::Copy`) and never fill them.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 #[map(name = "OPENSHELL_RELAY_SOCKETS")]
 static RELAY_SOCKETS: SockHash<u64> = SockHash::with_max_entries(RELAY_CAPACITY, 0);
 
 #[map(name = "OPENSHELL_RELAY_PEERS")]
-static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(RELAY_CAPACITY, 0);
+static RELAY_PEERS: HashMap<u64, RelayPeer> =
+    HashMap::with_max_entries(RELAY_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map(name = "OPENSHELL_RELAY_SENT")]
-static RELAY_SENT: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, 0);
+static RELAY_SENT: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map(name = "OPENSHELL_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
