@@ -34,6 +34,10 @@ pub const AF_INET6: u16 = 10;
 /// the oldest records instead of failing; a record evicted before the proxy looked it up means
 /// the proxy denies that connection (fail closed).
 pub const RECORD_CAPACITY: u32 = 65_536;
+/// Capacity of the kernel relay maps ([`map_names::RELAY_SOCKETS`] and its companions): two
+/// entries per relayed connection. A full map only means the next connection is relayed in user
+/// space.
+pub const RELAY_CAPACITY: u32 = 65_536;
 /// Capacity of the per-cgroup mode map (one entry per sandbox that is not in the default mode).
 pub const MODE_CAPACITY: u32 = 4_096;
 
@@ -50,7 +54,19 @@ pub mod map_names {
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "OPENSHELL_COUNTERS";
 
-    /// Every map that user space pins (all of them: they must survive a gateway restart).
+    /// `SockHash<u64 socket cookie>`: the proxy's sockets whose received bytes the
+    /// `openshell_relay` program forwards in the kernel. Not pinned: the sockets belong to one
+    /// gateway process.
+    pub const RELAY_SOCKETS: &str = "OPENSHELL_RELAY_SOCKETS";
+    /// `HashMap<u64 socket cookie, RelayPeer>`: where `openshell_relay` forwards a socket's
+    /// bytes, and how many it may. No entry: the bytes stay on the socket, for user space.
+    pub const RELAY_PEERS: &str = "OPENSHELL_RELAY_PEERS";
+    /// `HashMap<u64 socket cookie, u64 bytes>`: how many bytes `openshell_relay` forwarded from
+    /// the socket to its peer.
+    pub const RELAY_SENT: &str = "OPENSHELL_RELAY_SENT";
+
+    /// Every map that user space pins, so that it survives a gateway restart (all but the relay
+    /// maps).
     pub const PINNED: [&str; 5] = [CONFIG, BY_COOKIE, BY_PEER, MODES, COUNTERS];
 }
 
@@ -268,6 +284,21 @@ impl PeerKey {
     }
 }
 
+/// Where the kernel relay forwards one socket's bytes ([`map_names::RELAY_PEERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayPeer {
+    /// Socket cookie of the peer the bytes go out of.
+    pub peer: u64,
+    /// The program forwards while the socket's forwarded total ([`map_names::RELAY_SENT`])
+    /// stays within this; a segment that would pass it stays on the socket, and the program
+    /// deletes the entry (user space relays the rest). User space raises it as the peer's
+    /// stream takes the forwarded bytes, which bounds what the kernel holds queued.
+    pub credit: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
+
 #[cfg(feature = "user")]
 #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
 mod pod {
@@ -278,4 +309,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RelayPeer {}
 }

@@ -13,6 +13,12 @@
 //! - `bind4`/`bind6`: listeners stay on loopback. A wildcard bind is rewritten to loopback
 //!   (except `[::]:0`, see `openshell_common::decide::bind6_action`), a bind to any other
 //!   non-loopback address gets EPERM.
+//! - `relay` (sk_skb stream verdict, attached to the relay socket map, not to a cgroup): once
+//!   the proxy has allowed a connection it may put both of its sockets (client side, upstream
+//!   side) into the map; each segment received on one is then sent out of the other without
+//!   waking user space. A socket without a peer entry, or whose peer is gone, keeps its bytes
+//!   for user space, and from then on always does (`openshell::proxy::relay` explains why the
+//!   order of the bytes holds).
 //! - `ingress` (cgroup_skb): `listen()` or `sendto()` without `bind()` autobinds to the wildcard
 //!   address and never runs `bind4`/`bind6`; this program drops every inbound packet for a
 //!   sandboxed socket that did not arrive on the loopback device for a loopback address. The
@@ -29,20 +35,21 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr, sk_action,
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use openshell_common::{
     AF_INET, AF_INET6, CgroupMode, Config, ConnectRecord, Counter, Endpoint, Ipv4Be, Ipv6Be,
-    KernelDev, KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY,
+    KernelDev, KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY, RELAY_CAPACITY,
+    RelayPeer,
     decide::{
         Action, BindAction, PacketDst, bind4_action, bind6_action, connect_action, ingress_allowed,
         sendmsg_action,
@@ -71,6 +78,20 @@ static BY_PEER: LruHashMap<PeerKey, ConnectRecord> =
 
 #[map(name = "OPENSHELL_MODES")]
 static MODES: HashMap<u64, u32> = HashMap::with_max_entries(MODE_CAPACITY, 0);
+
+/// Flag of the relay maps: entries are allocated when a relay starts, not all up front, since
+/// most gateways relay in user space (`RelayMode::Copy`) and never fill them.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "OPENSHELL_RELAY_SOCKETS")]
+static RELAY_SOCKETS: SockHash<u64> = SockHash::with_max_entries(RELAY_CAPACITY, 0);
+
+#[map(name = "OPENSHELL_RELAY_PEERS")]
+static RELAY_PEERS: HashMap<u64, RelayPeer> =
+    HashMap::with_max_entries(RELAY_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "OPENSHELL_RELAY_SENT")]
+static RELAY_SENT: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map(name = "OPENSHELL_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -176,6 +197,13 @@ pub fn openshell_bind6(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn openshell_ingress(ctx: SkBuffContext) -> i32 {
     try_ingress(&ctx).unwrap_or_else(|_| drop_packet())
+}
+
+/// Fail to user space: a segment that cannot be forwarded stays on its socket, where the
+/// proxy reads and relays it (never dropped: TCP has acknowledged it already).
+#[stream_verdict]
+pub fn openshell_relay(ctx: SkBuffContext) -> u32 {
+    relay(&ctx)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,6 +422,41 @@ fn try_sock_release(ctx: &SockContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A missing entry is the common case (sockets that were never redirected).
     let _ = BY_COOKIE.remove(cookie);
+}
+
+fn relay(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed in; the helper only reads the
+    // socket that received it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data, copied out at once.
+    let Some(peer) = (unsafe { RELAY_PEERS.get(cookie) }).copied() else {
+        return sk_action::SK_PASS;
+    };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN: TCP has processed it already, and the kernel's sending worker would take
+        // an empty segment for a failed send (EPIPE on the peer). Nothing to forward.
+        return sk_action::SK_DROP;
+    }
+    let Some(sent) = RELAY_SENT.get_ptr_mut(cookie) else {
+        let _ = RELAY_PEERS.remove(cookie);
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the entry is this socket's; the kernel runs the verdict program of one socket
+    // under its lock, so nothing else writes it, and an aligned u64 store is seen whole by
+    // user space.
+    let before = unsafe { *sent };
+    if before + len <= peer.credit
+        && RELAY_SOCKETS.redirect_skb(ctx, peer.peer, 0) == i64::from(sk_action::SK_PASS)
+    {
+        // SAFETY: as above.
+        unsafe { *sent = before + len };
+        return sk_action::SK_PASS;
+    }
+    // Out of credit, or the peer left the map (it closed). This segment goes to user space,
+    // and so must every later one, or they would overtake it.
+    let _ = RELAY_PEERS.remove(cookie);
+    sk_action::SK_PASS
 }
 
 fn bind4(ctx: &SockAddrContext) -> i32 {

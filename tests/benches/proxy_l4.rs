@@ -11,10 +11,11 @@
 //! hits both alike. Every loop is bounded in count and time.
 //!
 //! - Throughput: one stream of [`STREAM_BYTES`], measured from connect to the server's close
-//!   (so every byte reached the server), for the splice relay and the copy relay.
+//!   (so every byte reached the server), for each relay (kernel, splice, copy).
 //! - New connections/s: connect, then wait for the server's close (a full end-to-end
-//!   connection), one at a time, through the default relay (copy), which the proxy uses.
-//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, default relay.
+//!   connection), one at a time, through the kernel relay and the copy relay (the default).
+//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, kernel relay and
+//!   copy relay.
 //!
 //! `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (to profile it).
 
@@ -193,15 +194,37 @@ network_policies:
     );
     // The DNS upstream is never asked (the clients dial the address).
     let dns: SocketAddr = (host, 53).into();
-    let splice = Sandbox::with_relay("bench-splice", &policy, dns, RelayMode::Splice)?;
-    let copy = Sandbox::with_relay("bench-copy", &policy, dns, RelayMode::Copy)?;
+    let relays = [
+        ("kernel", RelayMode::Kernel),
+        ("splice", RelayMode::Splice),
+        ("copy", RelayMode::Copy),
+    ];
+    let sandboxes = relays
+        .iter()
+        .map(|(name, mode)| Sandbox::with_relay(&format!("bench-{name}"), &policy, dns, *mode))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let sink = SocketAddr::new(host, SINK_PORT);
     let close = SocketAddr::new(host, CLOSE_PORT);
     let echo = SocketAddr::new(host, ECHO_PORT);
     // Warm up: the first proxied connection hashes this binary (trust on first use).
-    for s in [&splice, &copy] {
+    for s in &sandboxes {
         run_client(Some(s), "connects", close, 1)?;
     }
+    // Connection rate and round trip: the kernel relay and the copy relay (the default).
+    let per_connection = [RelayMode::Kernel, RelayMode::Copy];
+    let sandbox_of = |mode: RelayMode| {
+        relays
+            .iter()
+            .position(|(_, m)| *m == mode)
+            .and_then(|i| sandboxes.get(i))
+            .context("no sandbox for the relay")
+    };
+    let name_of = |mode: RelayMode| {
+        relays
+            .iter()
+            .find(|(_, m)| *m == mode)
+            .map_or("?", |(n, _)| *n)
+    };
 
     let gbit = |bytes: u64, ns: &str| -> anyhow::Result<f64> {
         Ok(bytes as f64 * 8.0 / ns.trim().parse::<f64>()?)
@@ -209,20 +232,19 @@ network_policies:
     // `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (for profiling).
     let only = std::env::var("PROXY_L4_ONLY").unwrap_or_default();
     let phase = |name: &str| only.is_empty() || only == name;
-    let (mut direct_tp, mut splice_tp, mut copy_tp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut direct_tp = Vec::new();
+    let mut proxy_tp = vec![Vec::new(); relays.len()];
     for _ in 0..if phase("stream") { STREAM_ROUNDS } else { 0 } {
         direct_tp.push(gbit(
             STREAM_BYTES,
             &run_client(None, "stream", sink, STREAM_BYTES)?,
         )?);
-        splice_tp.push(gbit(
-            STREAM_BYTES,
-            &run_client(Some(&splice), "stream", sink, STREAM_BYTES)?,
-        )?);
-        copy_tp.push(gbit(
-            STREAM_BYTES,
-            &run_client(Some(&copy), "stream", sink, STREAM_BYTES)?,
-        )?);
+        for (s, tp) in sandboxes.iter().zip(&mut proxy_tp) {
+            tp.push(gbit(
+                STREAM_BYTES,
+                &run_client(Some(s), "stream", sink, STREAM_BYTES)?,
+            )?);
+        }
     }
 
     let rate = |out: &str| -> anyhow::Result<(u64, f64)> {
@@ -231,22 +253,26 @@ network_policies:
         let ns: f64 = it.next().context("time")?.parse()?;
         Ok((n, ns))
     };
-    let (mut direct_c, mut direct_ns, mut proxy_c, mut proxy_ns) = (0u64, 0f64, 0u64, 0f64);
+    let (mut direct_c, mut direct_ns) = (0u64, 0f64);
+    let mut proxy_c = [(0u64, 0f64); 2];
     for _ in 0..if phase("connects") { CONNECT_ROUNDS } else { 0 } {
         let (n, ns) = rate(&run_client(None, "connects", close, CONNECTS as u64)?)?;
         direct_c += n;
         direct_ns += ns;
-        let (n, ns) = rate(&run_client(
-            Some(&copy),
-            "connects",
-            close,
-            CONNECTS as u64,
-        )?)?;
-        proxy_c += n;
-        proxy_ns += ns;
+        for (mode, acc) in per_connection.iter().zip(&mut proxy_c) {
+            let (n, ns) = rate(&run_client(
+                Some(sandbox_of(*mode)?),
+                "connects",
+                close,
+                CONNECTS as u64,
+            )?)?;
+            acc.0 += n;
+            acc.1 += ns;
+        }
     }
 
-    let (mut direct_rtt, mut proxy_rtt) = (Vec::new(), Vec::new());
+    let mut direct_rtt = Vec::new();
+    let mut proxy_rtt = [Vec::new(), Vec::new()];
     let parse_rtts = |out: &str| -> Vec<f64> {
         out.lines()
             .filter_map(|l| l.parse::<f64>().ok())
@@ -255,15 +281,17 @@ network_policies:
     };
     for _ in 0..if phase("rtt") { PING_ROUNDS } else { 0 } {
         direct_rtt.extend(parse_rtts(&run_client(None, "rtt", echo, PINGS as u64)?));
-        proxy_rtt.extend(parse_rtts(&run_client(
-            Some(&copy),
-            "rtt",
-            echo,
-            PINGS as u64,
-        )?));
+        for (mode, acc) in per_connection.iter().zip(&mut proxy_rtt) {
+            acc.extend(parse_rtts(&run_client(
+                Some(sandbox_of(*mode)?),
+                "rtt",
+                echo,
+                PINGS as u64,
+            )?));
+        }
     }
 
-    let (d, s, c) = (median(direct_tp), median(splice_tp), median(copy_tp));
+    let d = median(direct_tp);
     println!(
         "throughput, one stream of {} MiB, median of {STREAM_ROUNDS}:",
         STREAM_BYTES >> 20
@@ -271,26 +299,40 @@ network_policies:
     println!("| path | Gbit/s | of direct |");
     println!("|---|---|---|");
     println!("| direct | {d:.2} | 100% |");
-    println!("| proxy, splice relay | {s:.2} | {:.0}% |", 100.0 * s / d);
-    println!("| proxy, copy relay | {c:.2} | {:.0}% |", 100.0 * c / d);
+    for ((name, _), tp) in relays.iter().zip(proxy_tp) {
+        let t = median(tp);
+        println!("| proxy, {name} relay | {t:.2} | {:.0}% |", 100.0 * t / d);
+    }
     let dr = direct_c as f64 / (direct_ns / 1e9);
-    let pr = proxy_c as f64 / (proxy_ns / 1e9);
-    println!("new connections, one at a time, {direct_c} direct / {proxy_c} proxied:");
+    println!("new connections, one at a time, {direct_c} direct:");
     println!("| path | connections/s | of direct |");
     println!("|---|---|---|");
     println!("| direct | {dr:.0} | 100% |");
-    println!("| proxy | {pr:.0} | {:.0}% |", 100.0 * pr / dr);
-    let (dm, pm) = (median(direct_rtt.clone()), median(proxy_rtt.clone()));
+    for (mode, (n, ns)) in per_connection.iter().zip(proxy_c) {
+        let pr = n as f64 / (ns / 1e9);
+        println!(
+            "| proxy, {} relay | {pr:.0} | {:.0}% |",
+            name_of(*mode),
+            100.0 * pr / dr
+        );
+    }
+    let dm = median(direct_rtt.clone());
     println!(
-        "round trip on a kept-alive connection, {} / {} pings:",
-        direct_rtt.len(),
-        proxy_rtt.len()
+        "round trip on a kept-alive connection, {} direct pings:",
+        direct_rtt.len()
     );
     println!("| path | median | added |");
     println!("|---|---|---|");
     println!("| direct | {dm:.1} µs | |");
-    println!("| proxy | {pm:.1} µs | {:.1} µs |", pm - dm);
-    let decisions = splice.log.records().len() + copy.log.records().len();
+    for (mode, rtts) in per_connection.iter().zip(proxy_rtt) {
+        let pm = median(rtts);
+        println!(
+            "| proxy, {} relay | {pm:.1} µs | {:.1} µs |",
+            name_of(*mode),
+            pm - dm
+        );
+    }
+    let decisions: usize = sandboxes.iter().map(|s| s.log.records().len()).sum();
     println!("decisions logged by the proxies: {decisions}");
     Ok(())
 }

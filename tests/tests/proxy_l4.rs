@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use openshell::proxy::relay::RelayMode;
 use proxy_support::{Sandbox, TestHost, privileged, python3};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_ebpf-probe");
@@ -403,15 +404,59 @@ fn child_of_a_listed_binary_is_allowed_through_the_ancestor_rule() {
     );
 }
 
+/// The same allowed request as `pypi_curl_allowed_python_denied`, relayed by the kernel relay:
+/// a real TLS exchange in both directions, ended by the server.
+#[test]
+fn curl_through_the_kernel_relay() {
+    if !privileged() {
+        return;
+    }
+    let host = pypi_host();
+    let sandbox = Sandbox::with_relay(
+        "pypi-kernel",
+        &pypi_policy(&[]),
+        host.dns.addr(),
+        RelayMode::Kernel,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let out = curl(&sandbox, &host, &["https://pypi.org/simple/"]);
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from the test host\n"
+        );
+    }
+    assert_eq!(host.requests(), ["/simple/", "/simple/", "/simple/"]);
+}
+
 #[test]
 fn open_connection_is_closed_when_a_new_generation_no_longer_allows_it() {
+    closed_on_new_generation("revoke", RelayMode::default());
+}
+
+#[test]
+fn open_kernel_relayed_connection_is_closed_when_a_new_generation_no_longer_allows_it() {
+    closed_on_new_generation("revoke-kernel", RelayMode::Kernel);
+}
+
+fn closed_on_new_generation(name: &str, relay: RelayMode) {
     if !privileged() {
         return;
     }
     use std::io::{BufRead as _, BufReader};
     let host = pypi_host();
-    let sandbox =
-        Sandbox::new("revoke", &pypi_policy(&["/usr/bin/bash"]), host.dns.addr()).unwrap();
+    let sandbox = Sandbox::with_relay(
+        name,
+        &pypi_policy(&["/usr/bin/bash"]),
+        host.dns.addr(),
+        relay,
+    )
+    .unwrap();
     let script = "import socket\n\
                   s = socket.create_connection(('pypi.org', 443), timeout=30)\n\
                   print('connected', flush=True)\n\

@@ -29,6 +29,7 @@ mod bpffs;
 mod btf;
 mod config;
 mod error;
+mod kernel_relay;
 mod record;
 
 use std::{
@@ -36,7 +37,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -50,6 +51,7 @@ use aya::{
 pub use btf::BtfError;
 pub use config::InterceptorConfig;
 pub use error::EbpfError;
+pub use kernel_relay::{Joined, KernelRelay, Side};
 use openshell_common::{self as common, Config, Counter, KernelOffsets, PeerKey, map_names};
 pub use openshell_common::{CgroupMode, LAYOUT_VERSION};
 pub use record::{ConnectRecord, Counters, ExeId, RecordCounts};
@@ -125,6 +127,7 @@ pub struct Interceptor {
     modes: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    kernel_relay: Result<Arc<KernelRelay>, String>,
     root: PathBuf,
 }
 
@@ -181,6 +184,11 @@ impl Interceptor {
         let by_cookie = take_map(&mut ebpf, map_names::BY_COOKIE)?;
         let modes = take_map(&mut ebpf, map_names::MODES)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
+        // The relay is an optimisation: without it (a kernel without sockmap support) the
+        // proxy relays in user space.
+        let kernel_relay = KernelRelay::load(&mut ebpf)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         Ok(Self {
             ebpf,
             config_map,
@@ -189,8 +197,14 @@ impl Interceptor {
             modes: Mutex::new(modes),
             counters,
             logger,
+            kernel_relay,
             root,
         })
+    }
+
+    /// The in-kernel relay, or why it could not be set up.
+    pub fn kernel_relay(&self) -> Result<Arc<KernelRelay>, String> {
+        self.kernel_relay.clone()
     }
 
     /// The configuration currently in the kernel (for diagnostics).

@@ -43,7 +43,7 @@ use super::{
     relay::{self, RelayEnd, RelayMode},
 };
 use crate::{
-    ebpf::{ConnectRecord, EbpfError, Interceptor, InterceptorConfig},
+    ebpf::{ConnectRecord, EbpfError, Interceptor, InterceptorConfig, KernelRelay},
     inspect::{self, InspectContext, PolicySource, RequestLog, RequestRecord},
     policy::{ConnectionQuery, Decision, Inspection, Verdict},
 };
@@ -269,6 +269,7 @@ pub struct Proxy {
     upstream: Upstream,
     own: Vec<SocketAddr>,
     relay: RelayMode,
+    kernel_relay: Option<Arc<KernelRelay>>,
     dial_timeout: Duration,
     upstream_tls: Arc<rustls::ClientConfig>,
     recent: Mutex<HashMap<IdentityKey, (Instant, Resolved)>>,
@@ -311,10 +312,18 @@ impl Proxy {
             upstream: Upstream::new(config.upstream_dns.clone()),
             own: listeners.addresses(),
             relay: config.relay,
+            kernel_relay: None,
             dial_timeout: config.dial_timeout,
             upstream_tls: crate::tls::upstream_client_config(&config.extra_roots)?,
             recent: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Serves [`RelayMode::Kernel`] with `kernel` (without one, that mode copies in user space).
+    #[must_use]
+    pub fn with_kernel_relay(mut self, kernel: Arc<KernelRelay>) -> Self {
+        self.kernel_relay = Some(kernel);
+        self
     }
 
     fn recent_identity(&self, key: &IdentityKey) -> Option<Resolved> {
@@ -514,7 +523,14 @@ impl Proxy {
             let why = revoked.await;
             let _ = tx.send(why);
         };
-        let outcome = relay::relay(stream, upstream, self.relay, revoke_future).await;
+        let outcome = relay::relay(
+            stream,
+            upstream,
+            self.relay,
+            self.kernel_relay.as_deref(),
+            revoke_future,
+        )
+        .await;
         if matches!(outcome.end, RelayEnd::Revoked)
             && let Ok(why) = rx.await
         {

@@ -113,19 +113,27 @@ impl Network {
         let bpffs_dir = PathBuf::from(BPFFS_ROOT).join(&config.gateway.cgroup_base);
         let interceptor = Interceptor::load(&listeners.interceptor_config(&bpffs_dir))
             .map_err(|e| ProxyError::Ebpf(Box::new(e)))?;
+        let kernel_relay = interceptor.kernel_relay();
+        if let Err(why) = &kernel_relay {
+            eprintln!("gateway: relaying in user space: the in-kernel relay is unavailable: {why}");
+        }
         let interceptor = Arc::new(Mutex::new(interceptor));
         let registry = Arc::new(Registry::new());
         let log = StoreLog::spawn(Arc::clone(&store)).map_err(|e| ProxyError::Config {
             message: format!("starting the decision log writer: {e}"),
         })?;
         let listening = listeners.addresses();
-        let proxy = Arc::new(Proxy::new(
+        let mut proxy = Proxy::new(
             &proxy_config,
             &listeners,
             Arc::clone(&registry),
             Arc::clone(&interceptor) as _,
             Arc::new(log),
-        )?);
+        )?;
+        if let Ok(kernel) = kernel_relay {
+            proxy = proxy.with_kernel_relay(kernel);
+        }
+        let proxy = Arc::new(proxy);
         Ok(Arc::new(Self {
             interceptor,
             registry,

@@ -1,19 +1,47 @@
 //! Relaying an allowed TCP stream between the sandboxed client and the upstream server.
 //!
-//! Two engines with the same contract ([`RelayMode`]):
+//! Three engines with the same contract ([`RelayMode`]):
+//! - [`RelayMode::Kernel`] joins the two sockets in the kernel ([`KernelRelay`]): a BPF stream
+//!   verdict program sends each segment one socket receives out of the other, so bytes never
+//!   wake user space. User space only watches for end of stream and errors (see "Kernel relay"
+//!   below). Without a [`KernelRelay`], or when joining fails, it relays as [`RelayMode::Copy`].
 //! - [`RelayMode::Splice`] moves bytes socket → pipe → socket with `splice(2)`, so payload never
 //!   enters user space. One pipe per direction; both ends are driven by tokio's readiness, so a
 //!   relay costs no thread.
 //! - [`RelayMode::Copy`] reads into a user-space buffer per direction and writes it out; the
 //!   buffer grows with the stream, up to [`RELAY_BUFFER`].
 //!
-//! `BENCHMARKS.md` ("Proxy L4") has both measured against direct connections; the proxy uses
-//! [`RelayMode::default`], the faster one there (copy).
+//! `BENCHMARKS.md` ("Proxy L4") has them measured against direct connections; the proxy uses
+//! [`RelayMode::default`] (copy, the best bulk throughput there; kernel has the lowest round
+//! trip).
 //!
 //! Half-close: when one side finishes sending (`read` returns 0), the relay shuts down the write
 //! half towards the other side and keeps relaying the opposite direction until it ends too. Any
 //! error in either direction ends both, and the sockets are closed with RST (`SO_LINGER` 0) so
 //! that the peers see the failure instead of a clean end of stream.
+//!
+//! Kernel relay: the order of the bytes holds because user space reads a direction only after
+//! taking it away from the kernel ([`Joined::stop`]), and writes what it read only after the
+//! kernel has handed every byte it forwarded to the sending socket:
+//! - Normally a socket is readable only at end of stream or on error. When it is readable
+//!   (peeked, not read), user space stops the kernel forwarding that direction, then reads.
+//!   Reading takes the socket lock, under which the kernel runs the verdict program, so once
+//!   the read returns, the kernel's count of forwarded bytes ([`Joined::sent`]) is final.
+//! - The kernel queues forwarded segments on the peer and sends them from a worker. User space
+//!   waits until the peer's TCP stream holds them (acknowledged + queued bytes, from
+//!   `TCP_INFO` and `SIOCOUTQ`, against the same sum taken when the pair was joined) before it
+//!   writes anything of its own or shuts the peer's write side (half-close).
+//! - Bytes the program left on a socket (its peer was not joined yet, or is gone) make the
+//!   socket readable, so user space takes that direction over as above.
+//!
+//! Backpressure: the kernel charges the segments it queues on the peer to neither socket, so a
+//! slow reader alone does not slow the sender down (measured: a client wrote 1 GiB towards a
+//! server that read nothing). The program therefore forwards a direction only within a credit
+//! (`RelayPeer::credit`) that user space raises, on the wake-ups above, to what the peer's
+//! stream has taken plus [`KERNEL_BACKLOG`]; beyond it, bytes stay on the socket, charged to
+//! it, and user space relays the direction from then on, where a full socket stops the copy
+//! and so the sender. Whether user space runs or not, the kernel never holds more than
+//! [`KERNEL_BACKLOG`] per direction.
 //!
 //! A relay can be ended from outside (a new policy generation no longer allows the connection):
 //! the `revoked` future passed to [`relay`] resolves, and both sockets are reset.
@@ -21,8 +49,9 @@
 use std::{
     future::Future,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
 
 use tokio::{
@@ -30,18 +59,31 @@ use tokio::{
     net::{TcpStream, tcp},
 };
 
+use crate::ebpf::{Joined, KernelRelay, Side};
+
 /// Largest buffer of [`RelayMode::Copy`] per direction, and pipe size of [`RelayMode::Splice`].
 pub const RELAY_BUFFER: usize = 256 * 1024;
+/// Bytes the kernel relay may hold queued for one socket (forwarded, not yet in its TCP
+/// stream); a direction that would exceed it goes on in user space.
+const KERNEL_BACKLOG: u64 = 1024 * 1024;
+/// Bytes the kernel relay forwards per direction before user space takes it over: in bulk the
+/// copy relay is faster on this machine (BENCHMARKS.md, "Proxy L4"); the kernel relay wins on
+/// the round trip of small exchanges.
+const KERNEL_BYTES: u64 = 8 * 1024 * 1024;
 /// First buffer of [`RelayMode::Copy`] per direction (it grows up to [`RELAY_BUFFER`]).
 const FIRST_BUFFER: usize = 16 * 1024;
 
 /// How the bytes are moved. See the module docs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RelayMode {
+    /// In the kernel, through [`KernelRelay`] (copy when it is not available). Lowest round
+    /// trip on this machine, but about a third less bulk throughput than copy (BENCHMARKS.md,
+    /// "Proxy L4"), so not the default.
+    Kernel,
     /// `splice(2)` through a pipe per direction.
     Splice,
     /// Copy through a user-space buffer per direction (up to [`RELAY_BUFFER`] bytes). The
-    /// default: it measured faster than splice on this machine (BENCHMARKS.md, "Proxy L4").
+    /// default: the best bulk throughput on this machine (BENCHMARKS.md, "Proxy L4").
     #[default]
     Copy,
 }
@@ -64,22 +106,39 @@ pub struct RelayOutcome {
     pub sent: u64,
     /// Bytes sent from the upstream to the client.
     pub received: u64,
+    /// Of `sent` and `received`, the bytes the kernel forwarded ([`RelayMode::Kernel`]).
+    pub in_kernel: u64,
     pub end: RelayEnd,
 }
 
 /// Relays `client` ⇄ `upstream` until both directions end, an error occurs, or `revoked`
-/// resolves. Both sockets are closed when this returns.
+/// resolves. Both sockets are closed when this returns. `kernel` serves [`RelayMode::Kernel`].
 pub async fn relay(
     mut client: TcpStream,
     mut upstream: TcpStream,
     mode: RelayMode,
+    kernel: Option<&KernelRelay>,
     revoked: impl Future<Output = ()>,
 ) -> RelayOutcome {
     let counters = Counters::default();
+    let joined = match (mode, kernel) {
+        (RelayMode::Kernel, Some(kernel)) => join(kernel, &client, &upstream),
+        _ => None,
+    };
+    let mode = match (mode, &joined) {
+        (RelayMode::Kernel, None) => RelayMode::Copy,
+        _ => mode,
+    };
     let result = tokio::select! {
-        r = run(&mut client, &mut upstream, mode, &counters) => r.map(|()| RelayEnd::Finished),
+        r = async {
+            match &joined {
+                Some((joined, base)) => run_kernel(&client, &upstream, joined, *base, &counters).await,
+                None => run(&mut client, &mut upstream, mode, &counters).await,
+            }
+        } => r.map(|()| RelayEnd::Finished),
         () = revoked => Ok(RelayEnd::Revoked),
     };
+    drop(joined);
     let end = result.unwrap_or_else(RelayEnd::Failed);
     if !matches!(end, RelayEnd::Finished) {
         reset(&client);
@@ -88,6 +147,7 @@ pub async fn relay(
     RelayOutcome {
         sent: counters.sent.load(Ordering::Relaxed),
         received: counters.received.load(Ordering::Relaxed),
+        in_kernel: counters.in_kernel.load(Ordering::Relaxed),
         end,
     }
 }
@@ -102,6 +162,7 @@ pub fn reset(stream: &TcpStream) {
 struct Counters {
     sent: AtomicU64,
     received: AtomicU64,
+    in_kernel: AtomicU64,
 }
 
 async fn run(
@@ -111,7 +172,7 @@ async fn run(
     counters: &Counters,
 ) -> io::Result<()> {
     match mode {
-        RelayMode::Copy => {
+        RelayMode::Copy | RelayMode::Kernel => {
             let (client_r, client_w) = client.split();
             let (upstream_r, upstream_w) = upstream.split();
             let up = copy_direction(client_r, upstream_w, &counters.sent);
@@ -202,6 +263,223 @@ async fn splice_direction(
             }
         }
         total.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Joins `client` and `upstream` in the kernel, with the bytes each socket's stream held before
+/// (see [`stream_bytes`]), as (client, upstream). `None`: relay in user space instead.
+fn join<'k>(
+    kernel: &'k KernelRelay,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> Option<(Joined<'k>, (u64, u64))> {
+    let base = (
+        stream_bytes(client.as_raw_fd()).ok()?,
+        stream_bytes(upstream.as_raw_fd()).ok()?,
+    );
+    let joined = kernel
+        .join(client.as_fd(), upstream.as_fd(), KERNEL_BACKLOG)
+        .ok()?;
+    Some((joined, base))
+}
+
+/// Both directions of a joined pair (`client` is side A, `upstream` side B).
+async fn run_kernel(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    joined: &Joined<'_>,
+    (client_base, upstream_base): (u64, u64),
+    counters: &Counters,
+) -> io::Result<()> {
+    let up = kernel_direction(
+        client,
+        upstream,
+        joined,
+        Side::A,
+        upstream_base,
+        [&counters.sent, &counters.in_kernel],
+    );
+    let down = kernel_direction(
+        upstream,
+        client,
+        joined,
+        Side::B,
+        client_base,
+        [&counters.received, &counters.in_kernel],
+    );
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+/// One direction of a joined pair: `from` is `side`, `to` the other socket, `to_base` the bytes
+/// `to`'s stream held when the pair was joined. Returns once `from` ended and `to`'s write side
+/// is shut (after every forwarded byte).
+async fn kernel_direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    joined: &Joined<'_>,
+    side: Side,
+    to_base: u64,
+    [total, in_kernel]: [&AtomicU64; 2],
+) -> io::Result<()> {
+    // While the kernel forwards, the socket wakes us on every segment it forwarded; peek to
+    // tell those from a real end of stream, error or left-over bytes.
+    // Each of those wake-ups also raises the direction's credit (see `RelayPeer::credit`) to
+    // what `to`'s stream took plus [`KERNEL_BACKLOG`], never past [`KERNEL_BYTES`]: the kernel
+    // takes whatever arrives and charges it to neither socket, so the credit is what bounds
+    // the memory it holds; past it the program leaves the bytes on `from`, which then reads
+    // as readable here, and user space takes the direction over.
+    let mut granted = KERNEL_BACKLOG;
+    loop {
+        from.readable().await?;
+        match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let flushed = stream_bytes(to.as_raw_fd())?.saturating_sub(to_base);
+                let credit = (flushed + KERNEL_BACKLOG).min(KERNEL_BYTES);
+                if credit >= granted + KERNEL_BACKLOG / 4 {
+                    joined.grant(side, credit).map_err(io::Error::other)?;
+                    granted = credit;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    joined.stop(side).map_err(io::Error::other)?;
+    // A read attempt (even one that finds nothing) waits for the socket lock, so after it no
+    // verdict is running on `from` and the kernel's count is final.
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_BUFFER);
+    let first = match from.try_read_buf(&mut buf) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) => return Err(e),
+    };
+    let forwarded = joined.sent(side).map_err(io::Error::other)?;
+    wait_flushed(to, to_base + forwarded).await?;
+    total.fetch_add(forwarded, Ordering::Relaxed);
+    in_kernel.fetch_add(forwarded, Ordering::Relaxed);
+    match first {
+        Some(0) => shutdown_write(to.as_raw_fd()),
+        Some(n) => {
+            write_all(to, &buf).await?;
+            total.fetch_add(n as u64, Ordering::Relaxed);
+            copy_shared(from, to, buf, total).await
+        }
+        None => copy_shared(from, to, buf, total).await,
+    }
+}
+
+/// [`copy_direction`] over shared references (the kernel relay's fallback for one direction).
+async fn copy_shared(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut buf: Vec<u8>,
+    total: &AtomicU64,
+) -> io::Result<()> {
+    loop {
+        buf.clear();
+        from.readable().await?;
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return shutdown_write(to.as_raw_fd());
+        }
+        write_all(to, &buf).await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.capacity() && buf.capacity() < RELAY_BUFFER {
+            buf.reserve_exact((2 * buf.capacity()).min(RELAY_BUFFER));
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the socket accepted no bytes",
+                ));
+            }
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `to`'s stream holds `target` bytes (see [`stream_bytes`]): the kernel's worker
+/// has moved every forwarded segment into it. Polled, since the kernel signals nothing; this
+/// only runs once per direction, at its end or when user space takes it over.
+async fn wait_flushed(to: &TcpStream, target: u64) -> io::Result<()> {
+    let mut pause = Duration::from_micros(50);
+    while stream_bytes(to.as_raw_fd())? < target {
+        if let Some(e) = to.take_error()? {
+            return Err(e);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Bytes written into the socket's TCP stream so far, counted from an arbitrary origin: the
+/// bytes the peer acknowledged (`tcpi_bytes_acked`) plus the ones still queued (`SIOCOUTQ`).
+/// Read in that order, an acknowledgement in between can only make the sum smaller, never
+/// larger than the true count, so a waiter never stops early.
+fn stream_bytes(fd: RawFd) -> io::Result<u64> {
+    /// Offset of `tcpi_bytes_acked` in `struct tcp_info` (stable kernel ABI since Linux 4.1).
+    const BYTES_ACKED: usize = 120;
+    let mut info = [0u8; 232];
+    let mut len = libc::socklen_t::try_from(info.len()).unwrap_or(0);
+    // SAFETY: `fd` is an open socket; `info` and `len` describe a writable buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let acked = info
+        .get(BYTES_ACKED..BYTES_ACKED + 8)
+        .filter(|_| usize::try_from(len).unwrap_or(0) >= BYTES_ACKED + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_ne_bytes)
+        .ok_or_else(|| io::Error::other("TCP_INFO has no tcpi_bytes_acked"))?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// Peeks one byte: `Ok` when the socket has bytes, end of stream or an error to report.
+fn peek(fd: RawFd) -> io::Result<()> {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is an open socket; the buffer is one writable byte.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -304,12 +582,18 @@ mod tests {
         let (proxy_client_side, client) = pair().await;
         let (proxy_upstream_side, server) = pair().await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(relay(proxy_client_side, proxy_upstream_side, mode, async {
-            // A dropped sender means "never revoked".
-            if rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }));
+        let task = tokio::spawn(relay(
+            proxy_client_side,
+            proxy_upstream_side,
+            mode,
+            None,
+            async {
+                // A dropped sender means "never revoked".
+                if rx.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
         (client, server, task, tx)
     }
 

@@ -245,17 +245,22 @@ impl Sandbox {
         let mut interceptor = Interceptor::load(&listeners.interceptor_config(&sandbox.bpffs_dir))
             .context("loading the interceptor")?;
         sandbox.attachment = Some(interceptor.attach(sandbox.cgroup.path())?);
+        let kernel_relay = interceptor.kernel_relay();
         let interceptor = Arc::new(Mutex::new(interceptor));
         sandbox.interceptor = Some(Arc::clone(&interceptor));
         let registry = Arc::new(Registry::new());
         registry.insert(Arc::clone(&sandbox.sandbox));
-        let proxy = Arc::new(Proxy::new(
+        let mut proxy = Proxy::new(
             &config,
             &listeners,
             registry,
             interceptor,
             Arc::clone(&sandbox.log) as _,
-        )?);
+        )?;
+        if let Ok(kernel) = kernel_relay {
+            proxy = proxy.with_kernel_relay(kernel);
+        }
+        let proxy = Arc::new(proxy);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         sandbox.stop = Some(tx);
         let runtime = tokio::runtime::Builder::new_multi_thread()
