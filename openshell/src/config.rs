@@ -22,6 +22,9 @@
 //! [proxy]
 //! transparent_listen = "127.0.0.1:15001"   # where intercepted connect()s are redirected
 //! http_listen = "127.0.0.1:3128"           # explicit HTTP proxy (CONNECT)
+//! relay = "copy"                           # allowed L4 streams: "copy" (default), "splice" or
+//!                                          # "kernel" (sockmap: lowest round trip, less bulk
+//!                                          # throughput; see BENCHMARKS.md "Proxy L4")
 //! ```
 
 use std::{
@@ -31,6 +34,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::proxy::relay::RelayMode;
 
 /// Environment variable that moves the state and runtime directories.
 pub const STATE_DIR_ENV: &str = "OPENSHELL_STATE_DIR";
@@ -172,6 +177,8 @@ pub struct ProxySection {
     pub transparent_listen: SocketAddr,
     /// The explicit HTTP proxy listener (CONNECT and absolute-form requests).
     pub http_listen: SocketAddr,
+    /// How allowed L4 streams are relayed.
+    pub relay: RelayMode,
 }
 
 impl Default for ProxySection {
@@ -179,6 +186,7 @@ impl Default for ProxySection {
         Self {
             transparent_listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
+            relay: RelayMode::default(),
         }
     }
 }
@@ -271,6 +279,27 @@ mod tests {
             "127.0.0.1:16001".parse().unwrap()
         );
         assert_eq!(c.proxy.http_listen, ProxySection::default().http_listen);
+        assert_eq!(c.proxy.relay, RelayMode::Copy);
+    }
+
+    #[test]
+    fn relay_mode_is_chosen_by_name_and_a_wrong_one_is_an_error_naming_the_choices() {
+        for (name, mode) in [
+            ("copy", RelayMode::Copy),
+            ("splice", RelayMode::Splice),
+            ("kernel", RelayMode::Kernel),
+        ] {
+            let text = format!("[proxy]\nrelay = \"{name}\"\n");
+            let c = GatewayConfig::parse(Path::new("g.toml"), &text).unwrap();
+            assert_eq!(c.proxy.relay, mode);
+        }
+        let err = GatewayConfig::parse(Path::new("g.toml"), "[proxy]\nrelay = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("g.toml") && err.contains("fast") && err.contains("kernel"),
+            "{err}"
+        );
     }
 
     #[test]

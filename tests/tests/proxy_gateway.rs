@@ -355,3 +355,52 @@ fn rest_endpoint_is_inspected_with_the_sandbox_ca() {
         Some("/repos/acme/alpha-repo/after-restart")
     );
 }
+
+/// `[proxy] relay = "kernel"` in the gateway's settings: allowed streams go through the
+/// in-kernel relay, and a client sees the same bytes as with the default relay; denials are
+/// unchanged.
+#[test]
+fn gateway_with_the_kernel_relay_relays_allowed_streams_and_denies_the_rest() {
+    if !privileged() {
+        return;
+    }
+    let host = TestHost::new(&["pypi.org"]).unwrap();
+    host.dns.add("pypi.org", host.ip());
+    let gw = gateway_for(&host);
+    let settings = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        settings.replace("[proxy]\n", "[proxy]\nrelay = \"kernel\"\n"),
+    )
+    .unwrap();
+    let policy = gw.dir.path().join("pypi.yaml");
+    std::fs::write(&policy, PYPI).unwrap();
+    let policy = policy.display().to_string();
+    let run = gw
+        .run(&["sandbox", "create", "--name", "k", "--policy", &policy])
+        .unwrap();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for i in 0..3 {
+        let run = gw
+            .curl("k", &format!("https://pypi.org/kernel-{i}"))
+            .unwrap();
+        assert_eq!(run.code, Some(0), "{run:?}");
+        assert!(run.stdout.contains("hello from the test host"), "{run:?}");
+    }
+    assert_eq!(
+        host.requests(),
+        ["/kernel-0", "/kernel-1", "/kernel-2"],
+        "every request arrived once, in order"
+    );
+    let python = python3().display().to_string();
+    let script = "import socket; socket.create_connection(('pypi.org', 443), timeout=10).recv(1)";
+    let run = gw
+        .run(&["sandbox", "exec", "k", "--", &python, "-c", script])
+        .unwrap();
+    assert_ne!(run.code, Some(0), "python3 must be denied: {run:?}");
+    assert_eq!(host.requests().len(), 3);
+    // The kernel side was there to use (else the gateway says it relays with copy instead).
+    let log = std::fs::read_to_string(gw.state_dir().join("gateway.log")).unwrap();
+    assert!(log.contains("gateway: pid"), "{log}");
+    assert!(!log.contains("relay = \"kernel\" is unavailable"), "{log}");
+}

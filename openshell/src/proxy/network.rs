@@ -105,7 +105,7 @@ impl Network {
             dns_v4,
             dns_v6: v6_beside(dns_v4),
             upstream_dns: config.dns_upstreams(),
-            relay: RelayMode::default(),
+            relay: config.proxy.relay,
             dial_timeout: DIAL_TIMEOUT,
             extra_roots: extra_roots(&config.tls.extra_roots)?,
         };
@@ -114,8 +114,10 @@ impl Network {
         let interceptor = Interceptor::load(&listeners.interceptor_config(&bpffs_dir))
             .map_err(|e| ProxyError::Ebpf(Box::new(e)))?;
         let kernel_relay = interceptor.kernel_relay();
-        if let Err(why) = &kernel_relay {
-            eprintln!("gateway: relaying in user space: the in-kernel relay is unavailable: {why}");
+        if let (RelayMode::Kernel, Err(why)) = (proxy_config.relay, &kernel_relay) {
+            eprintln!(
+                "gateway: [proxy] relay = \"kernel\" is unavailable, relaying with copy instead: {why}"
+            );
         }
         let interceptor = Arc::new(Mutex::new(interceptor));
         let registry = Arc::new(Registry::new());

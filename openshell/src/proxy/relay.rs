@@ -73,8 +73,10 @@ const KERNEL_BYTES: u64 = 8 * 1024 * 1024;
 /// First buffer of [`RelayMode::Copy`] per direction (it grows up to [`RELAY_BUFFER`]).
 const FIRST_BUFFER: usize = 16 * 1024;
 
-/// How the bytes are moved. See the module docs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How the bytes are moved. See the module docs. Chosen with the gateway setting
+/// `[proxy] relay = "copy" | "splice" | "kernel"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RelayMode {
     /// In the kernel, through [`KernelRelay`] (copy when it is not available). Lowest round
     /// trip on this machine, but about a third less bulk throughput than copy (BENCHMARKS.md,
