@@ -254,6 +254,7 @@ fn global_policy_overrides_every_sandbox_and_gives_way() {
           dns listen      127.0.0.1:0
           proxy listen    127.0.0.1:0
           listening       [addresses]
+          relay           copy
           extra roots     -
     ");
 
@@ -374,6 +375,7 @@ fn global_policy_overrides_every_sandbox_and_gives_way() {
           dns listen      127.0.0.1:0
           proxy listen    127.0.0.1:0
           listening       [addresses]
+          relay           copy
           extra roots     -
     ");
     let json = gw

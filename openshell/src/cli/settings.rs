@@ -149,6 +149,7 @@ pub fn render_text(s: &SandboxSettings) -> String {
     let _ = writeln!(out, "  dns listen      {}", g.dns_listen);
     let _ = writeln!(out, "  proxy listen    {}", g.transparent_listen);
     let _ = writeln!(out, "  listening       {}", list_or_dash(&g.listening));
+    let _ = writeln!(out, "  relay           {}", g.relay);
     let _ = writeln!(out, "  extra roots     {}", list_or_dash(&g.extra_roots));
     out
 }
@@ -200,6 +201,7 @@ mod tests {
                 dns_upstream_from: "config".into(),
                 dns_listen: "127.0.0.1:15053".into(),
                 transparent_listen: "127.0.0.1:15001".into(),
+                relay: "copy".into(),
                 listening: vec![
                     "127.0.0.1:15001".into(),
                     "[::1]:15001".into(),
@@ -231,6 +233,7 @@ mod tests {
               dns listen      127.0.0.1:15053
               proxy listen    127.0.0.1:15001
               listening       127.0.0.1:15001 [::1]:15001 127.0.0.1:15053 [::1]:15053
+              relay           copy
               extra roots     -
         ");
     }
@@ -256,6 +259,7 @@ mod tests {
               dns listen      127.0.0.1:15053
               proxy listen    127.0.0.1:15001
               listening       127.0.0.1:15001 [::1]:15001 127.0.0.1:15053 [::1]:15053
+              relay           copy
               extra roots     /etc/openshell/test-ca.pem
         ");
     }
@@ -315,6 +319,7 @@ mod tests {
                   "127.0.0.1:15053",
                   "[::1]:15053"
                 ],
+                "relay": "copy",
                 "extra_roots": []
               }
             }

@@ -303,6 +303,9 @@ pub struct GatewaySettings {
     pub transparent_listen: String,
     /// Every address the proxy actually listens on (ports resolved, IPv6 beside IPv4).
     pub listening: Vec<String>,
+    /// `[proxy] relay`: how allowed L4 streams are moved (`copy`, `splice` or `kernel`).
+    #[serde(default)]
+    pub relay: String,
     /// `[tls] extra_roots`: CA files trusted for upstream TLS beside the built-in roots.
     pub extra_roots: Vec<String>,
 }
