@@ -22,7 +22,11 @@ use std::{
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     pty::{Winsize, openpty},
-    sys::termios::{LocalFlags, tcgetattr},
+    sys::{
+        signal::{Signal, kill},
+        termios::{LocalFlags, tcgetattr},
+    },
+    unistd::Pid,
 };
 
 use openshell_tests::{
@@ -115,9 +119,17 @@ struct TermRun {
     restored: bool,
 }
 
+/// What the test does to `openshell term` once its screen is ready.
+enum Input<'a> {
+    /// Types these bytes.
+    Keys(&'a [u8]),
+    /// Sends this signal to the process, as `kill` or a closed terminal window does.
+    Signal(Signal),
+}
+
 /// Runs `openshell term` on a fresh pty (120x30) playing the terminal emulator, waits until its
-/// screen shows `ready`, types `keys`, and waits (bounded) for it to exit.
-fn term_on_a_pty(gw: &TestGateway, ready: &str, keys: &[u8]) -> TermRun {
+/// screen shows `ready`, gives it `input`, and waits (bounded) for it to exit.
+fn term_on_a_pty(gw: &TestGateway, ready: &str, input: Input<'_>) -> TermRun {
     let size = Winsize {
         ws_row: 30,
         ws_col: 120,
@@ -157,7 +169,15 @@ fn term_on_a_pty(gw: &TestGateway, ready: &str, keys: &[u8]) -> TermRun {
             answered += 1;
         }
         if !typed && String::from_utf8_lossy(&output).contains(ready) {
-            nix::unistd::write(&pty.master, keys).unwrap();
+            match &input {
+                Input::Keys(keys) => {
+                    nix::unistd::write(&pty.master, keys).unwrap();
+                }
+                Input::Signal(signal) => {
+                    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+                    kill(pid, *signal).unwrap();
+                }
+            }
             typed = true;
         }
         if let Some(status) = child.try_wait().unwrap() {
@@ -277,7 +297,7 @@ fn suggested_blocks_allow_what_was_denied() {
 
     // The dashboard shows the sandbox and its denials; Enter quits and prints the selected
     // denial's block on the restored terminal.
-    let run = term_on_a_pty(&gw, "files.pythonhosted.org:443", b"\r");
+    let run = term_on_a_pty(&gw, "files.pythonhosted.org:443", Input::Keys(b"\r"));
     assert_eq!(run.code, Some(0), "{}", run.output);
     assert!(run.restored, "{}", run.output);
     let (screen, after) = run
@@ -304,11 +324,18 @@ fn suggested_blocks_allow_what_was_denied() {
     );
     // q and Ctrl-C quit as well, printing nothing.
     for key in [b"q", b"\x03"] {
-        let run = term_on_a_pty(&gw, "pypi.org:443", key);
+        let run = term_on_a_pty(&gw, "pypi.org:443", Input::Keys(key));
         assert_eq!(run.code, Some(0), "{}", run.output);
         assert!(run.restored, "{}", run.output);
         let after = run.output.rsplit_once(LEAVE_ALT).unwrap().1;
         assert!(!after.contains("block"), "{after:?}");
+    }
+    // SIGTERM and SIGHUP end it too, with the terminal restored and 128 + the signal's number.
+    for (signal, code) in [(Signal::SIGTERM, 143), (Signal::SIGHUP, 129)] {
+        let run = term_on_a_pty(&gw, "pypi.org:443", Input::Signal(signal));
+        assert_eq!(run.code, Some(code), "{signal}: {}", run.output);
+        assert!(run.restored, "{signal}: {}", run.output);
+        assert!(run.output.contains(LEAVE_ALT), "{signal}: {}", run.output);
     }
 
     // Paste: the new block is appended, the amended one replaces `pip`.

@@ -8,14 +8,18 @@
 //! The gateway is polled every 500 ms (`--interval`). [`State`] holds everything shown and is
 //! updated by plain functions ([`State::update`], [`State::handle_key`]) so that it can be tested
 //! without a terminal; [`draw`] renders it. The terminal (raw mode, alternate screen) is restored
-//! by a guard on drop and by a panic hook, so an error or a panic leaves the shell usable.
+//! by a guard on drop and by a panic hook, so an error or a panic leaves the shell usable; SIGTERM,
+//! SIGHUP and SIGINT end the dashboard like `q` (exit code 128 + the signal) for the same reason.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io::{self, IsTerminal as _, Write as _},
     path::PathBuf,
     process::ExitCode,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -528,13 +532,17 @@ pub fn run(args: &TermArgs) -> anyhow::Result<ExitCode> {
     // A first poll before the screen switches, so a failure is reported on the normal screen.
     state.update(poll(&client, lines)?, now_ms());
     let interval = Duration::from_millis(args.interval);
-    let to_print = {
+    let stop = StopSignals::register().context("handling SIGTERM, SIGHUP and SIGINT")?;
+    let ended = {
         let _guard = TerminalGuard::enter().context("switching the terminal to dashboard mode")?;
         let mut terminal =
             Terminal::new(CrosstermBackend::new(io::stdout())).context("opening the terminal")?;
         terminal.clear()?;
         let mut next_poll = Instant::now() + interval;
         loop {
+            if let Some(signal) = stop.received() {
+                break Ended::Signal(signal);
+            }
             if Instant::now() >= next_poll {
                 match poll(&client, lines) {
                     Ok(snapshot) => state.update(snapshot, now_ms()),
@@ -555,8 +563,8 @@ pub fn run(args: &TermArgs) -> anyhow::Result<ExitCode> {
             }
             match state.handle_key(key) {
                 Action::None => {}
-                Action::Quit => break None,
-                Action::QuitAndPrint(text) => break Some(text),
+                Action::Quit => break Ended::Quit(None),
+                Action::QuitAndPrint(text) => break Ended::Quit(Some(text)),
                 Action::Save(text) => {
                     let written = std::fs::OpenOptions::new()
                         .create(true)
@@ -571,10 +579,75 @@ pub fn run(args: &TermArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    if let Some(text) = to_print {
-        print!("{text}");
+    // The terminal is restored (the guard is gone); the usual signal actions are back.
+    drop(stop);
+    match ended {
+        Ended::Quit(to_print) => {
+            if let Some(text) = to_print {
+                print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Ended::Signal(signal) => Ok(ExitCode::from(signal.saturating_add(128))),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// How the dashboard ended.
+enum Ended {
+    /// A key: `q`, or Enter with the selected block to print.
+    Quit(Option<String>),
+    /// A signal (its number): the exit code is 128 + it, as a shell reports a killed command.
+    Signal(u8),
+}
+
+/// SIGTERM, SIGHUP and SIGINT end the dashboard the way `q` does, so the terminal is restored
+/// instead of being left in raw mode on the alternate screen. (In raw mode Ctrl-C is a key;
+/// these come from outside: `kill`, a closed terminal window.) Dropping this puts the usual
+/// actions back.
+struct StopSignals {
+    received: Arc<AtomicUsize>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl StopSignals {
+    const SIGNALS: [i32; 3] = [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGINT,
+    ];
+
+    fn register() -> io::Result<Self> {
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut stop = Self {
+            received: Arc::clone(&received),
+            ids: Vec::new(),
+        };
+        for signal in Self::SIGNALS {
+            let value = usize::try_from(signal).unwrap_or(usize::MAX);
+            stop.ids.push(signal_hook::flag::register_usize(
+                signal,
+                Arc::clone(&received),
+                value,
+            )?);
+        }
+        Ok(stop)
+    }
+
+    /// The number of the signal that arrived, if one did.
+    fn received(&self) -> Option<u8> {
+        match self.received.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(u8::try_from(n).unwrap_or(u8::MAX)),
+        }
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 #[cfg(test)]
