@@ -35,6 +35,14 @@ fn kernel_relay(name: &str) -> Option<(Fixture, Arc<KernelRelay>)> {
     Some((fixture, kernel))
 }
 
+/// A kernel relay over two fresh loopback pairs (`None`: skipped, not root). The fixture keeps
+/// the eBPF object loaded for the test's length.
+async fn joined(name: &str) -> Option<(Fixture, Running)> {
+    let (fixture, kernel) = kernel_relay(name)?;
+    let run = start(Some(&kernel), pair().await, pair().await);
+    Some((fixture, run))
+}
+
 /// A connected pair on loopback: (the side the relay gets, its peer).
 async fn pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -136,10 +144,9 @@ async fn exchange(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relays_both_directions_with_half_close() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-half") else {
+    let Some((_fixture, run)) = joined("krelay-half").await else {
         return;
     };
-    let run = start(Some(&kernel), pair().await, pair().await);
     let outcome = exchange(run, pattern(3 << 20, 1), pattern((5 << 20) + 3, 7), (0, 0)).await;
     // The kernel forwarded (the first bytes of each direction at least).
     assert!(outcome.in_kernel > 0, "{outcome:?}");
@@ -147,10 +154,9 @@ async fn kernel_relays_both_directions_with_half_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relays_a_large_stream_byte_for_byte() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-large") else {
+    let Some((_fixture, run)) = joined("krelay-large").await else {
         return;
     };
-    let run = start(Some(&kernel), pair().await, pair().await);
     let outcome = exchange(run, pattern(64 << 20, 3), b"done".to_vec(), (0, 0)).await;
     // The kernel forwards the first bytes; user space takes bulk over (KERNEL_BYTES).
     assert!(outcome.in_kernel > 0, "{outcome:?}");
@@ -225,7 +231,7 @@ async fn bytes_waiting_before_the_join_arrive_first_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_speaks_first_and_closes_while_the_client_still_sends() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-order") else {
+    let Some((_fixture, run)) = joined("krelay-order").await else {
         return;
     };
     // Half-close the other way round: the server sends and shuts its side first; the client
@@ -235,7 +241,7 @@ async fn server_speaks_first_and_closes_while_the_client_still_sends() {
         mut server,
         task,
         revoke: _revoke,
-    } = start(Some(&kernel), pair().await, pair().await);
+    } = run;
     let response = pattern(4 << 20, 23);
     let request = pattern(6 << 20, 29);
     server.write_all(&response).await.unwrap();
@@ -265,7 +271,7 @@ async fn server_speaks_first_and_closes_while_the_client_still_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_kernel_relay_resets_both_sides() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-revoke") else {
+    let Some((_fixture, run)) = joined("krelay-revoke").await else {
         return;
     };
     let Running {
@@ -273,7 +279,7 @@ async fn revoking_a_kernel_relay_resets_both_sides() {
         mut server,
         task,
         revoke,
-    } = start(Some(&kernel), pair().await, pair().await);
+    } = run;
     client.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
     tokio::time::timeout(TIMEOUT, server.read_exact(&mut buf))
@@ -296,7 +302,7 @@ async fn revoking_a_kernel_relay_resets_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_reaches_the_client_through_a_kernel_relay() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-reset") else {
+    let Some((_fixture, run)) = joined("krelay-reset").await else {
         return;
     };
     let Running {
@@ -304,7 +310,7 @@ async fn upstream_reset_reaches_the_client_through_a_kernel_relay() {
         server,
         task,
         revoke: _revoke,
-    } = start(Some(&kernel), pair().await, pair().await);
+    } = run;
     openshell::proxy::relay::reset(&server);
     drop(server);
     let outcome = finish(task).await;
@@ -326,7 +332,7 @@ async fn without_a_kernel_relay_the_kernel_mode_copies_in_user_space() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_does_not_read_stops_the_sender() {
-    let Some((_fixture, kernel)) = kernel_relay("krelay-slow") else {
+    let Some((_fixture, run)) = joined("krelay-slow").await else {
         return;
     };
     let Running {
@@ -334,7 +340,7 @@ async fn a_reader_that_does_not_read_stops_the_sender() {
         mut server,
         task,
         revoke: _revoke,
-    } = start(Some(&kernel), pair().await, pair().await);
+    } = run;
     // The server reads nothing. The client writes until no write has gone through for a
     // second: the kernel must not take more than socket buffers' worth on the relay's behalf.
     let chunk = vec![7u8; 1 << 20];
