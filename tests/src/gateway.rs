@@ -130,16 +130,39 @@ impl TestGateway {
     /// A gateway whose policy DNS forwards to `dns` (a test host's resolver).
     pub fn with_dns(dns: std::net::SocketAddr) -> anyhow::Result<Self> {
         let gw = Self::new()?;
-        std::fs::write(
-            &gw.config,
-            format!(
-                "[gateway]\ncgroup_base = \"{}\"\n\
-                 [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
-                 [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{dns}\"]\n",
-                gw.cgroup_base
-            ),
-        )?;
+        gw.write_config(dns, None)?;
         Ok(gw)
+    }
+
+    /// As [`TestGateway::with_dns`], and trusting the CA `ca_pem` for upstream TLS (a test
+    /// host's HTTPS server).
+    pub fn with_dns_and_ca(dns: std::net::SocketAddr, ca_pem: &str) -> anyhow::Result<Self> {
+        let gw = Self::new()?;
+        let ca_file = gw.dir.path().join("test-ca.pem");
+        std::fs::write(&ca_file, ca_pem)?;
+        gw.write_config(dns, Some(&ca_file))?;
+        Ok(gw)
+    }
+
+    fn write_config(
+        &self,
+        dns: std::net::SocketAddr,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let mut text = format!(
+            "[gateway]\ncgroup_base = \"{}\"\n\
+             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{dns}\"]\n",
+            self.cgroup_base
+        );
+        if let Some(ca_file) = ca_file {
+            text.push_str(&format!(
+                "[tls]\nextra_roots = [\"{}\"]\n",
+                ca_file.display()
+            ));
+        }
+        std::fs::write(&self.config, text)?;
+        Ok(())
     }
 
     /// `curl -sSk --max-time 10 URL` run in `sandbox` through `sandbox exec`.

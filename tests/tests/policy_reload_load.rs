@@ -88,22 +88,7 @@ impl Fixture {
                 .unwrap();
             runtime.spawn(echo(listener, port, Arc::clone(&echoed)));
         }
-        let gw = TestGateway::new().unwrap();
-        let test_ca = gw.dir.path().join("test-ca.pem");
-        std::fs::write(&test_ca, &ca.cert_pem).unwrap();
-        std::fs::write(
-            &gw.config,
-            format!(
-                "[gateway]\ncgroup_base = \"{}\"\n\
-                 [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
-                 [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n\
-                 [tls]\nextra_roots = [\"{}\"]\n",
-                gw.cgroup_base,
-                dns.addr(),
-                test_ca.display()
-            ),
-        )
-        .unwrap();
+        let gw = TestGateway::with_dns_and_ca(dns.addr(), &ca.cert_pem).unwrap();
         Self {
             gw,
             upstream,

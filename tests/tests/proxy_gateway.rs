@@ -174,22 +174,7 @@ fn rest_endpoint_is_inspected_with_the_sandbox_ca() {
     let ca = TestCa::new().unwrap();
     let upstream = Upstream::start(&net, &ca, &["api.github.com"]).unwrap();
     dns.add("api.github.com", net.ns_v4().into());
-    let gw = TestGateway::new().unwrap();
-    let test_ca = gw.dir.path().join("test-ca.pem");
-    std::fs::write(&test_ca, &ca.cert_pem).unwrap();
-    std::fs::write(
-        &gw.config,
-        format!(
-            "[gateway]\ncgroup_base = \"{}\"\n\
-             [proxy]\ntransparent_listen = \"127.0.0.1:0\"\n\
-             [dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\"]\n\
-             [tls]\nextra_roots = [\"{}\"]\n",
-            gw.cgroup_base,
-            dns.addr(),
-            test_ca.display()
-        ),
-    )
-    .unwrap();
+    let gw = TestGateway::with_dns_and_ca(dns.addr(), &ca.cert_pem).unwrap();
     let policy = gw.dir.path().join("github.yaml");
     std::fs::write(&policy, github_policy()).unwrap();
     let policy = policy.display().to_string();
