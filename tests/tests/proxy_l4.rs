@@ -54,6 +54,20 @@ fn pypi_host() -> TestHost {
     host
 }
 
+/// curl in `sandbox` gets the test host's page at `https://pypi.org/simple/`.
+fn assert_pypi_answers(sandbox: &Sandbox, host: &TestHost) {
+    let out = curl(sandbox, host, &["https://pypi.org/simple/"]);
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the test host\n"
+    );
+}
+
 fn curl(sandbox: &Sandbox, host: &TestHost, args: &[&str]) -> std::process::Output {
     let mut cmd = sandbox.command("/usr/bin/curl");
     cmd.args(["-sS", "--max-time", "10", "--cacert"])
@@ -79,16 +93,7 @@ fn pypi_curl_allowed_python_denied() {
     let host = pypi_host();
     let sandbox = Sandbox::new("pypi", &pypi_policy(&[]), host.dns.addr()).unwrap();
 
-    let out = curl(&sandbox, &host, &["https://pypi.org/simple/"]);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the test host\n"
-    );
+    assert_pypi_answers(&sandbox, &host);
     assert_eq!(host.requests(), ["/simple/"]);
     let allowed = sandbox
         .wait_for_record(|r| r.decision == "allow" && r.host.as_deref() == Some("pypi.org"))
@@ -420,16 +425,7 @@ fn curl_through_the_kernel_relay() {
     )
     .unwrap();
     for _ in 0..3 {
-        let out = curl(&sandbox, &host, &["https://pypi.org/simple/"]);
-        assert!(
-            out.status.success(),
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "hello from the test host\n"
-        );
+        assert_pypi_answers(&sandbox, &host);
     }
     assert_eq!(host.requests(), ["/simple/", "/simple/", "/simple/"]);
 }
