@@ -292,6 +292,7 @@ mod tests {
             let text = format!("[proxy]\nrelay = \"{name}\"\n");
             let c = GatewayConfig::parse(Path::new("g.toml"), &text).unwrap();
             assert_eq!(c.proxy.relay, mode);
+            assert_eq!(mode.name(), name);
         }
         let err = GatewayConfig::parse(Path::new("g.toml"), "[proxy]\nrelay = \"fast\"\n")
             .unwrap_err()

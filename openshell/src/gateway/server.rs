@@ -501,10 +501,7 @@ fn gateway_settings(state: &State) -> GatewaySettings {
         },
         dns_listen: config.dns.listen.to_string(),
         transparent_listen: config.proxy.transparent_listen.to_string(),
-        relay: serde_json::to_value(config.proxy.relay)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        relay: config.proxy.relay.name().to_owned(),
         listening: state.listening.iter().map(ToString::to_string).collect(),
         extra_roots: config
             .tls

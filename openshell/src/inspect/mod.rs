@@ -89,6 +89,20 @@ pub trait PolicySource: Send + Sync {
     }
 }
 
+/// The values `changes` takes after this call, as generations (for [`PolicySource::updates`]);
+/// the stream ends when the channel's sender is dropped.
+pub fn generations_from<T: Send + Sync + 'static>(
+    changes: tokio::sync::watch::Receiver<T>,
+    to_generation: fn(&T) -> Generation,
+) -> BoxStream<'static, Generation> {
+    futures_util::stream::unfold(changes, move |mut changes| async move {
+        changes.changed().await.ok()?;
+        let generation = to_generation(&changes.borrow_and_update());
+        Some((generation, changes))
+    })
+    .boxed()
+}
+
 /// A fixed generation (tests, or a sandbox whose policy never changes).
 impl PolicySource for Generation {
     fn current(&self) -> Generation {
@@ -444,12 +458,10 @@ impl Conn {
             let resp = self.forbidden(decision.block.as_deref(), reason, tunnel.is_some());
             return after_request_body(req, resp).await;
         }
-        let path = decision
-            .canonical_target
-            .clone()
-            .unwrap_or_else(|| target.clone());
         match (tunnel, updates) {
             (Some(protocol), Some(updates)) => {
+                // The target as sent is kept: the upgrade is judged again by later generations.
+                let path = decision.canonical_target.unwrap_or_else(|| target.clone());
                 let upgrade = Upgrade {
                     protocol,
                     target,
@@ -457,7 +469,10 @@ impl Conn {
                 };
                 self.forward_upgrade(req, &path, upgrade).await
             }
-            _ => self.forward(req, &path).await,
+            _ => {
+                let path = decision.canonical_target.unwrap_or(target);
+                self.forward(req, &path).await
+            }
         }
     }
 

@@ -28,7 +28,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt as _;
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
@@ -815,15 +814,9 @@ impl PolicySource for CurrentGeneration {
         inspect_generation(&self.0.generation())
     }
 
+    /// Ends when the sandbox is removed (its sender is dropped).
     fn updates(&self) -> futures_util::stream::BoxStream<'static, inspect::Generation> {
-        let changes = self.0.subscribe();
-        futures_util::stream::unfold(changes, |mut changes| async move {
-            // Ends when the sandbox is removed (its sender is dropped).
-            changes.changed().await.ok()?;
-            let generation = inspect_generation(&changes.borrow_and_update());
-            Some((generation, changes))
-        })
-        .boxed()
+        inspect::generations_from(self.0.subscribe(), |g| inspect_generation(g))
     }
 }
 

@@ -90,6 +90,18 @@ pub enum RelayMode {
     Copy,
 }
 
+impl RelayMode {
+    /// The name the gateway's settings use for it (`[proxy] relay`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures_util::StreamExt as _;
 use openshell::inspect::{self, Generation, InspectContext, PolicySource, RequestRecord};
 use openshell::tls::{SandboxCa, upstream_client_config};
 use openshell_tests::netns::TestNet;
@@ -65,12 +64,7 @@ impl PolicySource for Policies {
     }
 
     fn updates(&self) -> futures_util::stream::BoxStream<'static, Generation> {
-        futures_util::stream::unfold(self.0.subscribe(), |mut changes| async move {
-            changes.changed().await.ok()?;
-            let generation = changes.borrow_and_update().clone();
-            Some((generation, changes))
-        })
-        .boxed()
+        inspect::generations_from(self.0.subscribe(), Generation::clone)
     }
 }
 
