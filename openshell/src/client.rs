@@ -274,18 +274,18 @@ impl Client {
         )
     }
 
-    /// Revision `version` of sandbox `name`; if it is `pending`, the gateway answers once it
-    /// is loaded or failed, or after `wait`.
-    pub fn policy_revision(
+    /// The state of revision `version` of sandbox `name` (without its text); if it is
+    /// `pending`, the gateway answers once it is loaded or failed, or after `wait`.
+    pub fn revision_status(
         &self,
         name: &str,
         version: i64,
         wait: std::time::Duration,
-    ) -> Result<crate::store::PolicyRevision, ClientError> {
+    ) -> Result<crate::store::RevisionInfo, ClientError> {
         self.call(
             Method::GET,
             &format!(
-                "/v1/sandboxes/{name}/policy/{version}?wait_ms={}",
+                "/v1/sandboxes/{name}/policy/{version}/status?wait_ms={}",
                 wait.as_millis()
             ),
             None::<&()>,

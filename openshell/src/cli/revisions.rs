@@ -35,7 +35,7 @@ use crate::{
         revisions::parse_global,
     },
     policy::{self, MAX_POLICY_BYTES, PolicyErrors},
-    store::{PolicyRevision, RevisionStatus},
+    store::{PolicyRevision, RevisionInfo, RevisionStatus},
 };
 
 /// Exit code of `policy set --wait` when the revision did not load in time or the gateway is
@@ -156,15 +156,16 @@ impl<'a> Scope<'a> {
         client: &Client,
         version: i64,
         wait: Duration,
-    ) -> Result<Option<PolicyRevision>, ClientError> {
+    ) -> Result<Option<RevisionInfo>, ClientError> {
         match self {
-            Self::Sandbox(name) => client.policy_revision(name, version, wait).map(Some),
+            Self::Sandbox(name) => client.revision_status(name, version, wait).map(Some),
             Self::Global => {
                 std::thread::sleep(GLOBAL_POLL.min(wait));
                 Ok(client
                     .global_revisions()?
                     .into_iter()
-                    .find(|r| r.version == version))
+                    .find(|r| r.version == version)
+                    .map(|r| r.info()))
             }
         }
     }
@@ -224,8 +225,8 @@ pub fn strip_header(text: &str) -> &str {
     rest
 }
 
-fn hash(rev: &PolicyRevision) -> String {
-    format!("sha256:{}", rev.sha256)
+fn hash(sha256: &str) -> String {
+    format!("sha256:{sha256}")
 }
 
 /// What `policy get --full` prints.
@@ -234,7 +235,7 @@ pub fn render_full(rev: &PolicyRevision) -> String {
     let mut out = format!(
         "# Version: {}\n# Hash: {}\n# Status: {}\n",
         rev.version,
-        hash(rev),
+        hash(&rev.sha256),
         rev.status.as_str()
     );
     if let Some(error) = &rev.error {
@@ -257,7 +258,7 @@ pub fn render_list(revisions: &[PolicyRevision]) -> String {
         "VERSION", "HASH", "STATUS", "CREATED"
     );
     for rev in revisions {
-        let short: String = hash(rev).chars().take(19).collect();
+        let short: String = hash(&rev.sha256).chars().take(19).collect();
         let error = rev.error.as_deref().map_or_else(
             || "-".to_owned(),
             |e| e.lines().collect::<Vec<_>>().join("; "),
@@ -402,7 +403,7 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{label}: policy unchanged (version {} {}, {})",
             rev.version,
-            hash(&rev),
+            hash(&rev.sha256),
             rev.status.as_str()
         );
         return Ok(ExitCode::SUCCESS);
@@ -410,7 +411,7 @@ pub fn set(args: &SetArgs) -> anyhow::Result<ExitCode> {
     println!(
         "{label}: policy version {} {} {}",
         rev.version,
-        hash(&rev),
+        hash(&rev.sha256),
         rev.status.as_str()
     );
     if !args.wait {

@@ -97,13 +97,13 @@ pub struct SetPolicy {
     pub policy: String,
 }
 
-/// The answer to [`SetPolicy`]: the new revision (status `pending`; poll
-/// `GET /v1/sandboxes/{name}/policy` for the outcome), or the revision in force when the policy
-/// is identical to it (`unchanged`).
+/// The answer to [`SetPolicy`]: the new revision (status `pending`; wait for the outcome with
+/// `GET /v1/sandboxes/{name}/policy/{version}/status?wait_ms=N`), or the revision in force when
+/// the policy is identical to it (`unchanged`). Without the text, which the caller sent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetPolicyResult {
     pub unchanged: bool,
-    pub revision: crate::store::PolicyRevision,
+    pub revision: crate::store::RevisionInfo,
 }
 
 /// `PUT /v1/policy/global` takes a [`SetPolicy`] and answers a [`SetPolicyResult`] (revision of

@@ -21,6 +21,7 @@ use std::{
 use crate::{
     cgroup::{CgroupBase, CgroupError, SandboxCgroup},
     config::Paths,
+    proxy::CompiledNetwork,
     store::{NewSandbox, Phase, SandboxRecord, Store, StoreError},
     tls::SandboxCa,
 };
@@ -56,8 +57,17 @@ pub trait CgroupAttach: Send + Sync {
     /// force atomically; on error the previous policy stays in force.
     fn load_policy(
         &self,
+        name: &str,
+        policy: &crate::policy::Policy,
+        revision: i64,
+    ) -> Result<(), String> {
+        self.load_compiled(name, CompiledNetwork::new(policy), revision)
+    }
+    /// Like [`CgroupAttach::load_policy`], with the policy compiled beforehand.
+    fn load_compiled(
+        &self,
         _name: &str,
-        _policy: &crate::policy::Policy,
+        _compiled: CompiledNetwork,
         _revision: i64,
     ) -> Result<(), String> {
         Ok(())

@@ -31,11 +31,19 @@ use super::{
 };
 use crate::{
     policy::{self, Policy, PolicyError, PolicyErrors},
+    proxy::CompiledNetwork,
     store::{
-        EventKind, GatewayEvent, Phase, PolicyRevision, RevisionStatus, SandboxRecord, Store,
-        StoreError,
+        EventKind, GatewayEvent, Phase, PolicyRevision, RevisionInfo, RevisionStatus,
+        SandboxRecord, Store, StoreError,
     },
 };
+
+/// A revision [`Sandboxes::set_policy`] recorded, with the time its steps took.
+struct Recorded {
+    version: i64,
+    hashed: Duration,
+    stored: Duration,
+}
 
 /// The source name of the global policy in the proxy's errors.
 pub const GLOBAL_SOURCE: &str = "global policy";
@@ -306,6 +314,21 @@ impl Sandboxes {
         })
     }
 
+    /// Revision `version` of sandbox `name`, without its text.
+    pub fn policy_revision_info(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<RevisionInfo, RevisionError> {
+        self.ready_source(name)?;
+        self.store()
+            .revision_info(Some(name), Some(version))?
+            .ok_or_else(|| RevisionError::NoSuchRevision {
+                name: name.to_owned(),
+                version,
+            })
+    }
+
     /// Revision `version` of sandbox `name`.
     pub fn policy_revision(
         &self,
@@ -340,6 +363,47 @@ impl Sandboxes {
             }
         }
         Ok(())
+    }
+
+    /// Hashes `new` (the policy of `req` with the creation statics) and records it as a new
+    /// revision of sandbox `name`, then hands the result to `recorded`. `None` when it is the
+    /// policy in force (`recorded` was told so and nothing was recorded).
+    fn record_revision(
+        &self,
+        name: &str,
+        req: &SetPolicy,
+        new: &Policy,
+        recorded: impl FnOnce(SetPolicyResult),
+    ) -> Result<Option<Recorded>, RevisionError> {
+        let t = Instant::now();
+        let sha256 = canonical_sha256(new, &req.policy_source)?;
+        let hashed = t.elapsed();
+        // Every revision's hash is that of its canonical form with the creation statics, so
+        // comparing hashes compares policies without parsing the one in force again.
+        if let Some(current) = self.store().revision_info(Some(name), None)?
+            && current.sha256 == sha256
+        {
+            recorded(SetPolicyResult {
+                unchanged: true,
+                revision: current,
+            });
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let rev = self
+            .store()
+            .add_revision(Some(name), &req.policy, &sha256, now_ms())?;
+        let version = rev.version;
+        let stored = t.elapsed();
+        recorded(SetPolicyResult {
+            unchanged: false,
+            revision: rev,
+        });
+        Ok(Some(Recorded {
+            version,
+            hashed,
+            stored,
+        }))
     }
 
     /// Validates `req` and records it as a new revision of sandbox `name`, hands the result to
@@ -390,39 +454,44 @@ impl Sandboxes {
         }
         let new = with_creation_statics(new, &creation);
         let checked = locked.elapsed();
-        let t = Instant::now();
-        let sha256 = canonical_sha256(&new, &req.policy_source)?;
-        let hashed = t.elapsed();
-        // Every revision's hash is that of its canonical form with the creation statics, so
-        // comparing hashes compares policies without parsing the one in force again.
-        if let Some(current) = self.store().revision(Some(name), None)?
-            && current.sha256 == sha256
-        {
-            recorded(SetPolicyResult {
-                unchanged: true,
-                revision: current,
+        // The proxy's compilation of the policy runs beside the hash and the record (it is pure
+        // work on the validated policy); only putting it in force waits for the record.
+        let network = self.network();
+        let (recorded_rev, compiled) = std::thread::scope(|scope| {
+            let compiling = network.map(|_| {
+                scope.spawn(|| {
+                    let t = Instant::now();
+                    (CompiledNetwork::new(&new), t.elapsed())
+                })
             });
-            return Ok(());
-        }
-        let t = Instant::now();
-        let rev = self
-            .store()
-            .add_revision(Some(name), &req.policy, &sha256, now_ms())?;
-        let version = rev.version;
-        let stored = t.elapsed();
-        recorded(SetPolicyResult {
-            unchanged: false,
-            revision: rev,
+            let recorded_rev = self.record_revision(name, req, &new, recorded);
+            (
+                recorded_rev,
+                compiling.map(std::thread::ScopedJoinHandle::join),
+            )
         });
+        let Some(Recorded {
+            version,
+            hashed,
+            stored,
+        }) = recorded_rev?
+        else {
+            return Ok(());
+        };
         self.failpoint("policy-after-record");
         self.pause("policy-before-load");
         let t = Instant::now();
-        let loaded = match self.network() {
+        let mut compile_time = Duration::ZERO;
+        let loaded = match (network, compiled) {
             _ if self.failing("policy-load-fails") => {
                 Err("failpoint policy-load-fails: loading refused".to_owned())
             }
-            Some(network) => network.load_policy(name, &new, version),
-            None => Ok(()),
+            (Some(network), Some(Ok((compiled, took)))) => {
+                compile_time = took;
+                network.load_compiled(name, compiled, version)
+            }
+            (Some(_), _) => Err("compiling the policy failed (the compiler panicked)".to_owned()),
+            (None, _) => Ok(()),
         };
         let swapped = t.elapsed();
         let (status, error) = match &loaded {
@@ -447,11 +516,12 @@ impl Sandboxes {
         // Where the time went, for BENCHMARKS.md and for operators wondering why a reload of a
         // large policy is slow.
         eprintln!(
-            "gateway: sandbox {name:?}: {message} (validate {}, static check {}, hash {}, record {}, compile and swap {}, status {})",
+            "gateway: sandbox {name:?}: {message} (validate {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
             ms(validated),
             ms(checked),
             ms(hashed),
             ms(stored),
+            ms(compile_time),
             ms(swapped),
             ms(settled)
         );
@@ -501,7 +571,7 @@ impl Sandboxes {
         if let Some(current) = previous.as_ref().filter(|c| c.sha256 == sha256) {
             recorded(SetPolicyResult {
                 unchanged: true,
-                revision: current.clone(),
+                revision: current.info(),
             });
             return Ok(());
         }

@@ -262,8 +262,19 @@ async fn route(state: State, stop: Arc<watch::Sender<bool>>, req: Request<Incomi
                 .map(|revisions| json(StatusCode::OK, &revisions))
         }
         (&Method::GET, ["v1", "sandboxes", name, "policy", version]) => {
+            match version.parse::<i64>() {
+                Ok(version) => {
+                    let (s, name) = (Arc::clone(&state.sandboxes), (*name).to_owned());
+                    revision_call(move || s.policy_revision(&name, version))
+                        .await
+                        .map(|revision| json(StatusCode::OK, &revision))
+                }
+                Err(_) => Err(bad_version(version)),
+            }
+        }
+        (&Method::GET, ["v1", "sandboxes", name, "policy", version, "status"]) => {
             let wait = wait_from_query(req.uri().query());
-            policy_revision(&state, name, version, wait).await
+            revision_status(&state, name, version, wait).await
         }
         (&Method::POST, ["v1", "sandboxes", name, "policy"]) => {
             let name = (*name).to_owned();
@@ -312,27 +323,29 @@ fn wait_from_query(query: Option<&str>) -> Duration {
         .min(MAX_WAIT)
 }
 
-/// One revision. With a wait, a `pending` revision is answered as soon as it settles
-/// (`loaded` or `failed`), or when the wait is over, whichever comes first.
-async fn policy_revision(
+fn bad_version(version: &str) -> Resp {
+    error(
+        400,
+        "bad_request",
+        format!("policy revision {version:?} is not a version number"),
+    )
+}
+
+/// One revision's state, without its text. With a wait, a `pending` revision is answered as
+/// soon as it settles (`loaded` or `failed`), or when the wait is over, whichever comes first.
+async fn revision_status(
     state: &State,
     name: &str,
     version: &str,
     wait: Duration,
 ) -> Result<Resp, Resp> {
-    let version: i64 = version.parse().map_err(|_| {
-        error(
-            400,
-            "bad_request",
-            format!("policy revision {version:?} is not a version number"),
-        )
-    })?;
+    let version: i64 = version.parse().map_err(|_| bad_version(version))?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut settled = state.sandboxes.revisions_settled();
     loop {
         settled.mark_unchanged();
         let (s, n) = (Arc::clone(&state.sandboxes), name.to_owned());
-        let rev = revision_call(move || s.policy_revision(&n, version)).await?;
+        let rev = revision_call(move || s.policy_revision_info(&n, version)).await?;
         if rev.status != RevisionStatus::Pending
             || !matches!(
                 tokio::time::timeout_at(deadline, settled.changed()).await,

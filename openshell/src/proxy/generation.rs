@@ -9,6 +9,32 @@ use crate::policy::{self, AddressClass, CompiledPolicy, HostPattern, Policy};
 
 use super::ProxyError;
 
+/// A network policy compiled for the proxy but not yet tied to a revision, so that a reload can
+/// compile while it records the revision.
+#[derive(Debug)]
+pub struct CompiledNetwork {
+    policy: CompiledPolicy,
+    allowances: Vec<(HostPattern, Vec<IpNet>)>,
+}
+
+impl CompiledNetwork {
+    /// Compiles a validated policy.
+    #[must_use]
+    pub fn new(policy: &Policy) -> Self {
+        let allowances = policy
+            .network
+            .values()
+            .flat_map(|block| &block.endpoints)
+            .filter(|endpoint| !endpoint.allowed_ips.is_empty())
+            .map(|endpoint| (endpoint.host.clone(), endpoint.allowed_ips.clone()))
+            .collect();
+        Self {
+            policy: policy.compile(),
+            allowances,
+        }
+    }
+}
+
 /// A compiled network policy in force for one sandbox. Immutable; a reload builds a new one.
 #[derive(Debug)]
 pub struct Generation {
@@ -30,17 +56,16 @@ impl Generation {
     /// Compiles a validated policy.
     #[must_use]
     pub fn new(policy: &Policy, revision: i64) -> Self {
-        let allowances = policy
-            .network
-            .values()
-            .flat_map(|block| &block.endpoints)
-            .filter(|endpoint| !endpoint.allowed_ips.is_empty())
-            .map(|endpoint| (endpoint.host.clone(), endpoint.allowed_ips.clone()))
-            .collect();
+        Self::from_compiled(CompiledNetwork::new(policy), revision)
+    }
+
+    /// The generation of revision `revision` from a policy compiled beforehand.
+    #[must_use]
+    pub fn from_compiled(compiled: CompiledNetwork, revision: i64) -> Self {
         Self {
             revision,
-            policy: Arc::new(policy.compile()),
-            allowances,
+            policy: Arc::new(compiled.policy),
+            allowances: compiled.allowances,
         }
     }
 

@@ -31,7 +31,7 @@ pub mod registry;
 pub mod relay;
 pub mod sockdiag;
 
-pub use generation::Generation;
+pub use generation::{CompiledNetwork, Generation};
 pub use listener::{Proxy, ProxyConfig, ProxyListeners};
 pub use registry::{Registry, SandboxNet};
 

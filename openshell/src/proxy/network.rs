@@ -20,8 +20,8 @@ use std::{
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 
 use super::{
-    Generation, Proxy, ProxyConfig, ProxyError, ProxyListeners, Registry, SandboxNet,
-    listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
+    CompiledNetwork, Generation, Proxy, ProxyConfig, ProxyError, ProxyListeners, Registry,
+    SandboxNet, listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
 };
 use crate::{
     config::GatewayConfig,
@@ -243,17 +243,20 @@ impl CgroupAttach for Network {
         Ok(())
     }
 
-    fn load_policy(
+    fn load_compiled(
         &self,
         name: &str,
-        policy: &crate::policy::Policy,
+        compiled: CompiledNetwork,
         revision: i64,
     ) -> Result<(), String> {
         let sandbox = self
             .registry
             .by_name(name)
             .ok_or_else(|| format!("sandbox {name:?} is not attached to the proxy"))?;
-        sandbox.set_generation(Generation::new(policy, revision));
+        let old = sandbox.set_generation(Generation::from_compiled(compiled, revision));
+        // Freeing a large policy takes milliseconds; the caller is waiting to report the new
+        // one loaded. (Open connections may still hold the old one; the last holder frees it.)
+        std::thread::spawn(move || drop(old));
         Ok(())
     }
 

@@ -81,10 +81,10 @@ impl SandboxNet {
         self.generation.subscribe()
     }
 
-    /// Puts a new generation in force. Open connections are judged again under it, and the
-    /// ones it no longer allows are closed.
-    pub fn set_generation(&self, generation: Generation) {
-        self.generation.send_replace(Arc::new(generation));
+    /// Puts a new generation in force and returns the one it replaced. Open connections are
+    /// judged again under it, and the ones it no longer allows are closed.
+    pub fn set_generation(&self, generation: Generation) -> Arc<Generation> {
+        self.generation.send_replace(Arc::new(generation))
     }
 
     /// The sandbox's certificate authority.

@@ -145,6 +145,33 @@ pub struct PolicyRevision {
     pub created_ms: i64,
 }
 
+impl PolicyRevision {
+    /// The revision without its text.
+    #[must_use]
+    pub fn info(&self) -> RevisionInfo {
+        RevisionInfo {
+            sandbox: self.sandbox.clone(),
+            version: self.version,
+            sha256: self.sha256.clone(),
+            status: self.status,
+            error: self.error.clone(),
+            created_ms: self.created_ms,
+        }
+    }
+}
+
+/// A policy revision without its text: what `policy set` and a wait for a revision's outcome
+/// need (the text of a 10,000-block policy is over a megabyte).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionInfo {
+    pub sandbox: Option<String>,
+    pub version: i64,
+    pub sha256: String,
+    pub status: RevisionStatus,
+    pub error: Option<String>,
+    pub created_ms: i64,
+}
+
 /// One network decision, as the proxy logs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
@@ -265,7 +292,7 @@ pub trait Store: Send + Sync {
         policy: &str,
         sha256: &str,
         created_ms: i64,
-    ) -> Result<PolicyRevision, StoreError>;
+    ) -> Result<RevisionInfo, StoreError>;
     /// Sets a revision's status; `loaded` supersedes every older loaded revision of the scope.
     fn set_revision_status(
         &self,
@@ -282,6 +309,12 @@ pub trait Store: Send + Sync {
         sandbox: Option<&str>,
         version: Option<i64>,
     ) -> Result<Option<PolicyRevision>, StoreError>;
+    /// Like [`Store::revision`], without reading the text.
+    fn revision_info(
+        &self,
+        sandbox: Option<&str>,
+        version: Option<i64>,
+    ) -> Result<Option<RevisionInfo>, StoreError>;
 
     fn setting(&self, scope: &str, key: &str) -> Result<Option<String>, StoreError>;
     fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<(), StoreError>;

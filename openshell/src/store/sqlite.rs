@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     DecisionRecord, EventKind, GatewayEvent, LogPage, LogQuery, NewSandbox, Phase, PolicyRevision,
-    RevisionStatus, SandboxRecord, Store, StoreError,
+    RevisionInfo, RevisionStatus, SandboxRecord, Store, StoreError,
 };
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
@@ -221,6 +221,25 @@ fn insert_revision(
     Ok(())
 }
 
+/// [`REVISION_COLUMNS`] without the text.
+const INFO_COLUMNS: &str = "s.name, r.version, r.sha256, r.status, r.error, r.created_ms";
+/// The tables [`INFO_COLUMNS`] come from.
+const INFO_TABLES: &str = "policy_revisions r LEFT JOIN sandboxes s ON s.id = r.sandbox_id";
+
+fn info_row(row: &Row<'_>) -> rusqlite::Result<(RevisionInfo, String)> {
+    Ok((
+        RevisionInfo {
+            sandbox: row.get(0)?,
+            version: row.get(1)?,
+            sha256: row.get(2)?,
+            status: RevisionStatus::Pending,
+            error: row.get(4)?,
+            created_ms: row.get(5)?,
+        },
+        row.get(3)?,
+    ))
+}
+
 fn revision_row(row: &Row<'_>) -> rusqlite::Result<(PolicyRevision, String)> {
     Ok((
         PolicyRevision {
@@ -376,7 +395,7 @@ impl Store for SqliteStore {
         policy: &str,
         sha256: &str,
         created_ms: i64,
-    ) -> Result<PolicyRevision, StoreError> {
+    ) -> Result<RevisionInfo, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting transaction"))?;
         let id = sandbox_id(&tx, sandbox)?;
@@ -389,11 +408,10 @@ impl Store for SqliteStore {
             .map_err(sql("numbering policy revision"))?;
         insert_revision(&tx, id, version, sha256, policy, created_ms)?;
         tx.commit().map_err(sql("committing policy revision"))?;
-        Ok(PolicyRevision {
+        Ok(RevisionInfo {
             sandbox: sandbox.map(str::to_owned),
             version,
             sha256: sha256.to_owned(),
-            policy: policy.to_owned(),
             status: RevisionStatus::Pending,
             error: None,
             created_ms,
@@ -476,6 +494,37 @@ impl Store for SqliteStore {
                     value: status,
                 })?;
                 Ok(rev)
+            })
+            .transpose()
+    }
+
+    fn revision_info(
+        &self,
+        sandbox: Option<&str>,
+        version: Option<i64>,
+    ) -> Result<Option<RevisionInfo>, StoreError> {
+        let conn = self.conn();
+        let id = sandbox_id(&conn, sandbox)?;
+        let found = conn
+            .query_row(
+                &format!(
+                    "SELECT {INFO_COLUMNS} FROM {INFO_TABLES}
+                     WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
+                       AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
+                     ORDER BY r.version DESC LIMIT 1"
+                ),
+                params![id, version],
+                info_row,
+            )
+            .optional()
+            .map_err(sql("reading a policy revision"))?;
+        found
+            .map(|(mut info, status)| {
+                info.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
+                    what: "policy_revisions.status",
+                    value: status,
+                })?;
+                Ok(info)
             })
             .transpose()
     }
@@ -796,6 +845,19 @@ mod tests {
         assert_eq!(global.policy, "global");
         assert!(matches!(
             store.revision(Some("nope"), Some(1)),
+            Err(StoreError::NoSuchSandbox { .. })
+        ));
+        // The same selection without the text.
+        for (scope, version) in [(Some("a"), None), (Some("a"), Some(2)), (None, Some(1))] {
+            assert_eq!(
+                store.revision_info(scope, version).unwrap(),
+                store.revision(scope, version).unwrap().map(|r| r.info()),
+                "{scope:?} {version:?}"
+            );
+        }
+        assert_eq!(store.revision_info(Some("a"), Some(3)).unwrap(), None);
+        assert!(matches!(
+            store.revision_info(Some("nope"), Some(1)),
             Err(StoreError::NoSuchSandbox { .. })
         ));
     }
