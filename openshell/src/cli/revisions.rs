@@ -191,18 +191,20 @@ fn is_header_line(line: &str) -> bool {
 #[must_use]
 pub fn comment_out_header(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
-    let mut in_header = true;
-    for line in text.split_inclusive('\n') {
-        if in_header && is_header_line(line) {
-            if !line.starts_with('#') {
-                out.push_str("# ");
-            }
-        } else {
-            // The header (and a `---` ending it, kept as a YAML document start) is over.
-            in_header = false;
+    let mut rest = text;
+    while let Some(line) = rest.split_inclusive('\n').next() {
+        if !is_header_line(line) {
+            break;
+        }
+        if !line.starts_with('#') {
+            out.push_str("# ");
         }
         out.push_str(line);
+        rest = &rest[line.len()..];
     }
+    // The header is over; the rest (from a `---` ending it, kept as a YAML document start) is
+    // copied as it is.
+    out.push_str(rest);
     out
 }
 
