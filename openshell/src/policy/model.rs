@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
-use super::error::SourcePos;
 use super::host::HostPattern;
 
 /// A validated policy. Build it with [`crate::policy::parse`].
@@ -24,8 +24,9 @@ pub struct Policy {
     pub process: ProcessPolicy,
     /// Which static sections the file contained. A hot reload may omit them.
     pub present: StaticSections,
-    /// `network_policies` (dynamic), by key.
-    pub network: BTreeMap<String, NetworkBlock>,
+    /// `network_policies` (dynamic), by key. Shared, so that a policy made from another by
+    /// changing a few blocks (a reload of an edited file) costs no copy of the others.
+    pub network: BTreeMap<String, Arc<NetworkBlock>>,
 }
 
 /// Which of the static sections were written in the file (absent ones hold their defaults).
@@ -84,8 +85,6 @@ pub struct NetworkBlock {
     pub endpoints: Vec<Endpoint>,
     /// Exact paths or globs (`*` within a segment, `**` across).
     pub binaries: Vec<String>,
-    /// Where the block starts in the source.
-    pub pos: SourcePos,
 }
 
 /// A destination (host and ports) and what to do with its traffic.
@@ -99,7 +98,6 @@ pub struct Endpoint {
     pub rest: Option<RestPolicy>,
     /// Private networks this endpoint may resolve to.
     pub allowed_ips: Vec<IpNet>,
-    pub pos: SourcePos,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

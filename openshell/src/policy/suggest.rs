@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -29,7 +30,7 @@ use super::host::HostPattern;
 use super::model::{
     AccessPreset, AllowSet, Endpoint, NetworkBlock, Policy, QueryMatcher, RequestRule, TlsMode,
 };
-use super::{CompiledPolicy, SourcePos, canonicalize, ip};
+use super::{CompiledPolicy, canonicalize, ip};
 
 /// Fix rounds before giving up on a denial (a denial needs at most three: binary, address,
 /// request rule; one more confirms).
@@ -109,7 +110,9 @@ impl Suggestions {
     pub fn apply(&self, current: &Policy) -> Policy {
         let mut merged = current.clone();
         for s in &self.blocks {
-            merged.network.insert(s.key.clone(), s.block.clone());
+            merged
+                .network
+                .insert(s.key.clone(), Arc::new(s.block.clone()));
         }
         merged
     }
@@ -197,7 +200,7 @@ enum Fix {
 
 /// The working copy: the policy's blocks plus what was changed so far.
 struct Work {
-    blocks: BTreeMap<String, NetworkBlock>,
+    blocks: BTreeMap<String, Arc<NetworkBlock>>,
     changes: BTreeMap<String, Change>,
     /// Keys and display names that a new block may not take.
     taken: BTreeSet<String>,
@@ -220,7 +223,7 @@ impl Work {
         {
             notes.push(note);
         }
-        self.blocks.get_mut(key)
+        self.blocks.get_mut(key).map(Arc::make_mut)
     }
 
     /// A fresh key derived from `host`: `pypi.org` → `pypi_org`, `10.0.0.5` → `ip_10_0_0_5`.
@@ -462,15 +465,13 @@ fn add_new_blocks(work: &mut Work, denials: &[&Denial], impossible: &mut Vec<(De
                         .get(&text)
                         .map(|s| s.iter().copied().collect())
                         .unwrap_or_default(),
-                    pos: SourcePos::default(),
                 }],
                 binaries: binaries
                     .iter()
                     .map(|b| escape_glob(&b.display().to_string()))
                     .collect(),
-                pos: SourcePos::default(),
             };
-            work.blocks.insert(key.clone(), block);
+            work.blocks.insert(key.clone(), Arc::new(block));
             work.changes.insert(key, Change::New);
         }
     }
@@ -613,7 +614,10 @@ fn verify(
             render_block(key, block)
         );
         match super::parse("suggestion", &text) {
-            Ok(p) if p.network.get(key).is_some_and(|b| same_block(b, block)) => {}
+            Ok(p)
+                if p.network
+                    .get(key)
+                    .is_some_and(|b| NetworkBlock::eq(b, block)) => {}
             Ok(_) => {
                 bad.insert(
                     key.clone(),
@@ -686,24 +690,11 @@ fn verify(
         covered.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.denial.cmp(&b.denial)));
         out.blocks.push(Suggestion {
             key,
-            block: block.clone(),
+            block: NetworkBlock::clone(block),
             change,
             covers: covered,
         });
     }
-}
-
-/// Equal apart from source positions.
-fn same_block(a: &NetworkBlock, b: &NetworkBlock) -> bool {
-    let strip = |b: &NetworkBlock| {
-        let mut b = b.clone();
-        b.pos = SourcePos::default();
-        for ep in &mut b.endpoints {
-            ep.pos = SourcePos::default();
-        }
-        b
-    };
-    strip(a) == strip(b)
 }
 
 /// Whether `s` can be written as a plain YAML scalar inside a flow or block context without
@@ -926,7 +917,7 @@ mod tests {
         let reparsed = policy(&text);
         assert_eq!(reparsed.network.len(), merged.network.len());
         for (key, block) in &merged.network {
-            assert!(same_block(&reparsed.network[key], block), "{key}");
+            assert_eq!(&reparsed.network[key], block, "{key}");
         }
         s
     }
@@ -1355,11 +1346,7 @@ mod tests {
         ));
         for (key, block) in &current.network {
             let again = policy(&render_block(key, block));
-            assert!(
-                same_block(&again.network[key], block),
-                "{}",
-                render_block(key, block)
-            );
+            assert_eq!(&again.network[key], block, "{}", render_block(key, block));
         }
     }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
@@ -222,7 +223,7 @@ fn validate(raw: &RawPolicy, c: &mut Collector<'_>) -> Policy {
     }) = &raw.network_policies
     {
         for (key, block) in blocks {
-            network.insert(key.clone(), validate_block(key, block, c));
+            network.insert(key.clone(), Arc::new(validate_block(key, block, c)));
         }
     }
 
@@ -467,7 +468,6 @@ fn validate_block(key: &str, block: &Spanned<RawBlock>, c: &mut Collector<'_>) -
         name,
         endpoints,
         binaries,
-        pos: pos(block),
     }
 }
 
@@ -783,7 +783,6 @@ fn validate_endpoint(
         tls,
         rest,
         allowed_ips,
-        pos: pos(ep),
     })
 }
 
