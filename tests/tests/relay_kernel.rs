@@ -1,7 +1,8 @@
 //! The in-kernel relay (`RelayMode::Kernel`) against real TCP connections on loopback, with the
-//! real eBPF object loaded: both directions with half-close, a large stream byte for byte,
-//! bytes that were waiting before the sockets were joined, a reset on revocation, and the
-//! user-space fallback without a kernel relay. Needs root.
+//! real eBPF object loaded: both directions with half-close, a large stream byte for byte, an
+//! exchange that keeps up staying in the kernel, a reader that falls behind moving the
+//! direction to user space, bytes that were waiting before the sockets were joined, a reset on
+//! revocation, and the user-space fallback without a kernel relay. Needs root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -158,9 +159,140 @@ async fn kernel_relays_a_large_stream_byte_for_byte() {
         return;
     };
     let outcome = exchange(run, pattern(64 << 20, 3), b"done".to_vec(), (0, 0)).await;
-    // The kernel forwards the first bytes; user space takes bulk over (KERNEL_BYTES).
+    // The kernel forwards the first bytes at least (user space takes over once the server's
+    // side falls behind; `a_reader_that_falls_behind_moves_the_direction_to_user_space`).
     assert!(outcome.in_kernel > 0, "{outcome:?}");
-    assert!(outcome.in_kernel < outcome.sent, "{outcome:?}");
+}
+
+/// Request and response in lockstep, 16 KiB each way per round with a pause of 1 ms between
+/// rounds (an interactive pace, well below bulk), 4 MiB in all each way: the kernel never runs
+/// ahead of a peer that keeps up, and user space keeps raising the credit, so both directions
+/// stay in the kernel for the whole connection, far past the 1 MiB it may hold queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_keeps_up_stays_in_the_kernel() {
+    let Some((_fixture, run)) = joined("krelay-lockstep").await else {
+        return;
+    };
+    let Running {
+        mut client,
+        mut server,
+        task,
+        revoke: _revoke,
+    } = run;
+    const CHUNK: usize = 16 << 10;
+    const ROUNDS: usize = 256;
+    let server_side = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        for round in 0..ROUNDS {
+            server.read_exact(&mut buf).await.unwrap();
+            assert!(
+                buf == pattern(CHUNK, round),
+                "request {round} arrived altered"
+            );
+            server.write_all(&pattern(CHUNK, round + 1)).await.unwrap();
+        }
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        server.shutdown().await.unwrap();
+    });
+    let mut buf = vec![0u8; CHUNK];
+    for round in 0..ROUNDS {
+        client.write_all(&pattern(CHUNK, round)).await.unwrap();
+        tokio::time::timeout(TIMEOUT, client.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf == pattern(CHUNK, round + 1),
+            "response {round} arrived altered"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(TIMEOUT, client.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+    tokio::time::timeout(TIMEOUT, server_side)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = finish(task).await;
+    assert!(matches!(outcome.end, RelayEnd::Finished), "{outcome:?}");
+    let each_way = (CHUNK * ROUNDS) as u64;
+    assert_eq!((outcome.sent, outcome.received), (each_way, each_way));
+    assert_eq!(outcome.in_kernel, 2 * each_way, "{outcome:?}");
+}
+
+/// The server reads nothing until the client's writes stall, then everything: the kernel ran
+/// 1 MiB ahead of the server's side, so user space took the direction over for good, and the
+/// 48 MiB arrive byte for byte, most of them relayed in user space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_moves_the_direction_to_user_space() {
+    let Some((_fixture, run)) = joined("krelay-behind").await else {
+        return;
+    };
+    let Running {
+        mut client,
+        mut server,
+        task,
+        revoke: _revoke,
+    } = run;
+    const TOTAL: usize = 48 << 20;
+    const CHUNK: usize = 256 << 10;
+    let data = pattern(TOTAL, 5);
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = std::sync::Arc::clone(&written);
+    let sent = data.clone();
+    let client_side = tokio::spawn(async move {
+        for chunk in sent.chunks(CHUNK) {
+            client.write_all(chunk).await.unwrap();
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        client.shutdown().await.unwrap();
+        client
+    });
+    // Stalled: no progress for half a second (bounded by TIMEOUT).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            now < TOTAL,
+            "the client wrote everything to a server that read nothing"
+        );
+        if now == last {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never stalled"
+        );
+        last = now;
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(TIMEOUT, server.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == data, "the stream arrived altered");
+    server.shutdown().await.unwrap();
+    let _client = client_side.await.unwrap();
+    let outcome = finish(task).await;
+    assert!(matches!(outcome.end, RelayEnd::Finished), "{outcome:?}");
+    assert_eq!(outcome.sent, TOTAL as u64);
+    assert!(outcome.in_kernel > 0, "{outcome:?}");
+    // What the kernel forwarded was written before the stall (`last` counts whole chunks, the
+    // chunk in progress may have been partly written); everything after went through user
+    // space.
+    assert!(
+        outcome.in_kernel <= (last + CHUNK) as u64,
+        "{outcome:?}, stalled at {last}"
+    );
 }
 
 /// Waits until `socket` has `len` bytes queued for reading (they arrived at the proxy's

@@ -37,11 +37,19 @@
 //! Backpressure: the kernel charges the segments it queues on the peer to neither socket, so a
 //! slow reader alone does not slow the sender down (measured: a client wrote 1 GiB towards a
 //! server that read nothing). The program therefore forwards a direction only within a credit
-//! (`RelayPeer::credit`) that user space raises, on the wake-ups above, to what the peer's
-//! stream has taken plus [`KERNEL_BACKLOG`]; beyond it, bytes stay on the socket, charged to
+//! (`RelayPeer::credit`) that user space raises, on the wake-ups above and on a timer paced by
+//! the direction's rate, to what the peer's stream has taken plus [`KERNEL_BACKLOG`]; beyond it, bytes stay on the socket, charged to
 //! it, and user space relays the direction from then on, where a full socket stops the copy
 //! and so the sender. Whether user space runs or not, the kernel never holds more than
 //! [`KERNEL_BACKLOG`] per direction.
+//!
+//! The credit also sorts bulk from interactive streams: a direction whose peer keeps up (each
+//! exchange drained before the next) stays in the kernel for as long as it lives, however many
+//! bytes it moves; the first time the kernel runs [`KERNEL_BACKLOG`] ahead of the peer (the
+//! peer's socket buffer is full, which only bulk does), or moves the whole backlog between two
+//! looks at the credit (at least [`CREDIT_LOOK_MIN`] apart), the direction moves to user space
+//! for good. There the copy relay moves bulk faster than the kernel's sending worker, which retries
+//! a full socket only after a jiffy (BENCHMARKS.md, "Proxy L4", session 4).
 //!
 //! A relay can be ended from outside (a new policy generation no longer allows the connection):
 //! the `revoked` future passed to [`relay`] resolves, and both sockets are reset.
@@ -66,10 +74,6 @@ pub const RELAY_BUFFER: usize = 256 * 1024;
 /// Bytes the kernel relay may hold queued for one socket (forwarded, not yet in its TCP
 /// stream); a direction that would exceed it goes on in user space.
 const KERNEL_BACKLOG: u64 = 1024 * 1024;
-/// Bytes the kernel relay forwards per direction before user space takes it over: in bulk the
-/// copy relay is faster on this machine (BENCHMARKS.md, "Proxy L4"); the kernel relay wins on
-/// the round trip of small exchanges.
-const KERNEL_BYTES: u64 = 8 * 1024 * 1024;
 /// First buffer of [`RelayMode::Copy`] per direction (it grows up to [`RELAY_BUFFER`]).
 const FIRST_BUFFER: usize = 16 * 1024;
 
@@ -335,27 +339,43 @@ async fn kernel_direction(
     to_base: u64,
     [total, in_kernel]: [&AtomicU64; 2],
 ) -> io::Result<()> {
-    // While the kernel forwards, the socket wakes us on every segment it forwarded; peek to
-    // tell those from a real end of stream, error or left-over bytes.
-    // Each of those wake-ups also raises the direction's credit (see `RelayPeer::credit`) to
-    // what `to`'s stream took plus [`KERNEL_BACKLOG`], never past [`KERNEL_BYTES`]: the kernel
-    // takes whatever arrives and charges it to neither socket, so the credit is what bounds
-    // the memory it holds; past it the program leaves the bytes on `from`, which then reads
-    // as readable here, and user space takes the direction over.
-    let mut granted = KERNEL_BACKLOG;
+    // The socket wakes us at end of stream, on errors and when bytes stay on it (and on some
+    // forwarded segments too); peek to tell those apart.
+    // The direction's credit (see `RelayPeer::credit`) is raised to what `to`'s stream took
+    // plus [`KERNEL_BACKLOG`]: the kernel takes whatever arrives and charges it to neither
+    // socket, so the credit is what bounds the memory it holds; past it the program leaves
+    // the bytes on `from`, which then reads as readable here, and user space takes the
+    // direction over. The kernel does not wake us for every segment it forwards, so a timer
+    // looks at the kernel's count as well, more often the faster the direction moves (see
+    // [`next_look`]): a direction whose peer keeps up then never runs out of credit.
+    let mut credit = Credit {
+        granted: KERNEL_BACKLOG,
+        seen: 0,
+        pause: CREDIT_LOOK_MIN,
+    };
+    let look = tokio::time::sleep(credit.pause);
+    tokio::pin!(look);
     loop {
-        from.readable().await?;
-        match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
-            Ok(()) => break,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let flushed = stream_bytes(to.as_raw_fd())?.saturating_sub(to_base);
-                let credit = (flushed + KERNEL_BACKLOG).min(KERNEL_BYTES);
-                if credit >= granted + KERNEL_BACKLOG / 4 {
-                    joined.grant(side, credit).map_err(io::Error::other)?;
-                    granted = credit;
+        tokio::select! {
+            ready = from.readable() => {
+                ready?;
+                match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        credit.raise(joined, side, to, to_base)?;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
-            Err(e) => return Err(e),
+            () = &mut look => {
+                let sent = joined.sent(side).map_err(io::Error::other)?;
+                credit.pause = next_look(credit.pause, sent - credit.seen.min(sent), credit.granted.saturating_sub(sent));
+                credit.seen = sent;
+                if sent + KERNEL_BACKLOG / 2 >= credit.granted {
+                    credit.raise(joined, side, to, to_base)?;
+                }
+                look.as_mut().reset(tokio::time::Instant::now() + credit.pause);
+            }
         }
     }
     joined.stop(side).map_err(io::Error::other)?;
@@ -380,6 +400,56 @@ async fn kernel_direction(
         }
         None => copy_shared(from, to, buf, total).await,
     }
+}
+
+/// Shortest and longest pause between two looks at a joined direction's credit.
+const CREDIT_LOOK_MIN: Duration = Duration::from_millis(1);
+const CREDIT_LOOK_MAX: Duration = Duration::from_secs(1);
+
+/// The credit of one joined direction, as user space last granted and watched it.
+struct Credit {
+    /// Bytes the kernel may forward in all (the last grant).
+    granted: u64,
+    /// The kernel's count at the last look.
+    seen: u64,
+    /// Until the next look.
+    pause: Duration,
+}
+
+impl Credit {
+    /// Grants what `to`'s stream took plus [`KERNEL_BACKLOG`], when that is at least a quarter
+    /// of the backlog more than the last grant.
+    fn raise(
+        &mut self,
+        joined: &Joined<'_>,
+        side: Side,
+        to: &TcpStream,
+        to_base: u64,
+    ) -> io::Result<()> {
+        let flushed = stream_bytes(to.as_raw_fd())?.saturating_sub(to_base);
+        let credit = flushed + KERNEL_BACKLOG;
+        if credit >= self.granted + KERNEL_BACKLOG / 4 {
+            joined.grant(side, credit).map_err(io::Error::other)?;
+            self.granted = credit;
+        }
+        Ok(())
+    }
+}
+
+/// The pause before the next look at a credit, after one `pause` long in which the kernel
+/// forwarded `moved` bytes and has `left` to go: a quarter of the time the same pace would
+/// take to use up what is left, within [`CREDIT_LOOK_MIN`]..[`CREDIT_LOOK_MAX`]; twice the
+/// last pause when nothing moved, so an idle direction is looked at about once a second. A
+/// direction that would use up its credit within a few milliseconds is bulk, which runs the
+/// kernel ahead of its peer and moves to user space anyway.
+fn next_look(pause: Duration, moved: u64, left: u64) -> Duration {
+    if moved == 0 {
+        return pause.saturating_mul(2).min(CREDIT_LOOK_MAX);
+    }
+    let rounds = u32::try_from(left / moved / 4).unwrap_or(u32::MAX);
+    pause
+        .saturating_mul(rounds)
+        .clamp(CREDIT_LOOK_MIN, CREDIT_LOOK_MAX)
 }
 
 /// [`copy_direction`] over shared references (the kernel relay's fallback for one direction).
