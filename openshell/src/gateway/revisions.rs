@@ -30,7 +30,7 @@ use super::{
     lifecycle::{LifecycleError, Sandboxes},
 };
 use crate::{
-    policy::{self, Policy, PolicyError, PolicyErrors},
+    policy::{self, Parsed, Policy, PolicyError, PolicyErrors},
     proxy::CompiledNetwork,
     store::{
         EventKind, GatewayEvent, Phase, PolicyRevision, RevisionInfo, RevisionStatus,
@@ -168,6 +168,41 @@ impl StaticsCache {
         }
         cache.insert(rev.sha256.clone(), Arc::clone(&statics));
         Ok(statics)
+    }
+}
+
+/// The last policy text submitted for each sandbox that parsed, kept so that the next edit of it
+/// is read incrementally ([`policy::reparse`]: only the changed blocks of a large file are
+/// parsed again; the result is the same as a full parse).
+#[derive(Debug, Default)]
+pub struct ParseCache(Mutex<HashMap<String, Arc<Parsed>>>);
+
+impl ParseCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Parsed>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parses and validates `text`, a new policy for sandbox `name`, from the previous one's
+    /// parse if there is one. Returns the parse and the one it replaces in the cache (for the
+    /// caller to free once it has answered).
+    fn parse(
+        &self,
+        name: &str,
+        source: &str,
+        text: &str,
+    ) -> Result<(Arc<Parsed>, Option<Arc<Parsed>>), PolicyErrors> {
+        let previous = self.lock().get(name).cloned();
+        let parsed = Arc::new(match &previous {
+            Some(previous) => policy::reparse(previous, source, text)?,
+            None => policy::parse_keeping(source, text)?,
+        });
+        let replaced = self.lock().insert(name.to_owned(), Arc::clone(&parsed));
+        Ok((parsed, replaced.or(previous)))
+    }
+
+    /// Forgets sandbox `name` (deleted).
+    pub(super) fn forget(&self, name: &str) {
+        self.lock().remove(name);
     }
 }
 
@@ -419,8 +454,11 @@ impl Sandboxes {
         // invalid file is reported as such whatever the state of the sandbox, as the CLI did
         // when it validated the file itself.
         let started = Instant::now();
-        let new = policy::parse(&req.policy_source, &req.policy)
+        let (parsed, _replaced) = self
+            .parses
+            .parse(name, &req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
+        let new = parsed.policy().clone();
         let validated = started.elapsed();
         let _guard = self
             .policy_lock
@@ -516,8 +554,16 @@ impl Sandboxes {
         // Where the time went, for BENCHMARKS.md and for operators wondering why a reload of a
         // large policy is slow.
         eprintln!(
-            "gateway: sandbox {name:?}: {message} (validate {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
+            "gateway: sandbox {name:?}: {message} (validate {} {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
             ms(validated),
+            match parsed.outcome() {
+                policy::ParseOutcome::Reused { reused, parsed } => {
+                    format!("reading {parsed} changed blocks, keeping {reused}")
+                }
+                policy::ParseOutcome::Full | policy::ParseOutcome::Fallback(_) => {
+                    "reading the whole file".to_owned()
+                }
+            },
             ms(checked),
             ms(hashed),
             ms(stored),

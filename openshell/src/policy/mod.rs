@@ -42,7 +42,7 @@ pub use model::{
     NetworkBlock, Policy, ProcessPolicy, QueryMatcher, RequestRule, RestPolicy, StaticSections,
     TlsMode,
 };
-pub use reparse::{Parsed, parse_keeping, reparse};
+pub use reparse::{Outcome as ParseOutcome, Parsed, parse_keeping, reparse};
 pub use suggest::{
     Change, Covered, Denial, DeniedRequest, Suggestion, Suggestions, Unresolved, describe,
     render_block, suggest,

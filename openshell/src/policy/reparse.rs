@@ -46,13 +46,14 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_saphyr::budget::BudgetReport;
 use serde_saphyr::{Budget, Location};
 
 use super::MAX_POLICY_BYTES;
 use super::error::{Collector, PolicyErrors};
-use super::model::{NetworkBlock, Policy};
+use super::model::Policy;
 use super::raw::{KeyedBlocks, RawBlocks, RawNetworkOnly, RawPolicy};
 use super::validate::{
     read_yaml_tracking_path, too_large, validate_block, validate_raw, yaml_options,
@@ -402,29 +403,19 @@ pub(crate) fn try_reparse(
     let mut c = Collector::new(source_name);
     let mut fresh = Vec::with_capacity(keyed.blocks.len());
     for (key, block) in &keyed.blocks {
-        let mut validated = validate_block(key, block, &mut c);
-        shift_lines(&mut validated, line_offset).ok_or(Fallback::ChunkKeys)?;
-        fresh.push((key, validated));
+        fresh.push((key, Arc::new(validate_block(key, block, &mut c))));
     }
     if c.finish().is_err() {
         return Err(Fallback::ChunkInvalid);
     }
 
-    // Assemble: the blocks before the chunk as they were, the chunk's, the blocks after it with
-    // their lines shifted.
+    // Assemble: the blocks outside the chunk as they were (shared), the chunk's.
     let mut policy = prev.policy.clone();
     for span in &blocks[i..j] {
         let key = span.key(&prev.text, column).ok_or(Fallback::ChunkKeys)?;
         policy.network.remove(key);
     }
     let line_delta = count_lines(chunk) - count_lines(&prev.text[s_i..old_end]);
-    if let Some(next) = blocks.get(j).filter(|_| line_delta != 0) {
-        for block in policy.network.values_mut() {
-            if block.pos.line >= next.line {
-                shift_lines(block, line_delta).ok_or(Fallback::ChunkKeys)?;
-            }
-        }
-    }
     let parsed = fresh.len();
     for (key, block) in fresh {
         if policy.network.insert(key.clone(), block).is_some() {
@@ -593,15 +584,6 @@ fn chunk_text_ok(chunk: &str, to_end: bool) -> bool {
 
 fn count_lines(text: &str) -> i64 {
     text.bytes().filter(|&b| b == b'\n').count() as i64
-}
-
-/// Moves every position of a block by `delta` lines.
-fn shift_lines(block: &mut NetworkBlock, delta: i64) -> Option<()> {
-    block.pos.line = block.pos.line.checked_add_signed(delta)?;
-    for endpoint in &mut block.endpoints {
-        endpoint.pos.line = endpoint.pos.line.checked_add_signed(delta)?;
-    }
-    Some(())
 }
 
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
