@@ -30,7 +30,7 @@ use super::{
     lifecycle::{LifecycleError, Sandboxes},
 };
 use crate::{
-    policy::{self, Parsed, Policy, PolicyError, PolicyErrors},
+    policy::{self, ParseOutcome, Parsed, Policy, PolicyError, PolicyErrors},
     proxy::CompiledNetwork,
     store::{
         EventKind, GatewayEvent, Phase, PolicyRevision, RevisionInfo, RevisionStatus,
@@ -172,32 +172,42 @@ impl StaticsCache {
 }
 
 /// The last policy text submitted for each sandbox that parsed, kept so that the next edit of it
-/// is read incrementally ([`policy::reparse`]: only the changed blocks of a large file are
-/// parsed again; the result is the same as a full parse).
+/// is read incrementally ([`Parsed::update`]: only the changed blocks of a large file are parsed
+/// again; the result is the same as a full parse).
 #[derive(Debug, Default)]
-pub struct ParseCache(Mutex<HashMap<String, Arc<Parsed>>>);
+pub struct ParseCache(Mutex<HashMap<String, Parsed>>);
 
 impl ParseCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Parsed>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parsed>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Parses and validates `text`, a new policy for sandbox `name`, from the previous one's
-    /// parse if there is one. Returns the parse and the one it replaces in the cache (for the
-    /// caller to free once it has answered).
+    /// Parses and validates `text`, a new policy for sandbox `name`, as an edit of the last one
+    /// that parsed if there is one, and keeps it for the next. Returns the policy and how it
+    /// was read.
     fn parse(
         &self,
         name: &str,
         source: &str,
         text: &str,
-    ) -> Result<(Arc<Parsed>, Option<Arc<Parsed>>), PolicyErrors> {
-        let previous = self.lock().get(name).cloned();
-        let parsed = Arc::new(match &previous {
-            Some(previous) => policy::reparse(previous, source, text)?,
+    ) -> Result<(Policy, ParseOutcome), PolicyErrors> {
+        // Taken out while it is updated: a concurrent update of the same sandbox reads its
+        // file in full, which gives the same result.
+        let taken = self.lock().remove(name);
+        let parsed = match taken {
+            Some(mut parsed) => match parsed.update(source, text) {
+                Ok(()) => parsed,
+                Err(errors) => {
+                    // Still the last text that parsed.
+                    self.lock().insert(name.to_owned(), parsed);
+                    return Err(errors);
+                }
+            },
             None => policy::parse_keeping(source, text)?,
-        });
-        let replaced = self.lock().insert(name.to_owned(), Arc::clone(&parsed));
-        Ok((parsed, replaced.or(previous)))
+        };
+        let result = (parsed.policy().clone(), parsed.outcome());
+        self.lock().insert(name.to_owned(), parsed);
+        Ok(result)
     }
 
     /// Forgets sandbox `name` (deleted).
@@ -454,11 +464,10 @@ impl Sandboxes {
         // invalid file is reported as such whatever the state of the sandbox, as the CLI did
         // when it validated the file itself.
         let started = Instant::now();
-        let (parsed, _replaced) = self
+        let (new, read) = self
             .parses
             .parse(name, &req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
-        let new = parsed.policy().clone();
         let validated = started.elapsed();
         let _guard = self
             .policy_lock
@@ -556,11 +565,11 @@ impl Sandboxes {
         eprintln!(
             "gateway: sandbox {name:?}: {message} (validate {} {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
             ms(validated),
-            match parsed.outcome() {
-                policy::ParseOutcome::Reused { reused, parsed } => {
+            match read {
+                ParseOutcome::Reused { reused, parsed } => {
                     format!("reading {parsed} changed blocks, keeping {reused}")
                 }
-                policy::ParseOutcome::Full | policy::ParseOutcome::Fallback(_) => {
+                ParseOutcome::Full | ParseOutcome::Fallback(_) => {
                     "reading the whole file".to_owned()
                 }
             },

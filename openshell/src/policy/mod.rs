@@ -10,8 +10,8 @@
 //! 4. [`CompiledPolicy::decide_connection`] (L4) and [`CompiledPolicy::decide_request`] (L7)
 //!    answer with a [`Decision`].
 //!
-//! [`parse_keeping`] and [`reparse`] (module [`reparse`]) give the result of stages 1 and 2 for an
-//! edited file by reading only the `network_policies` blocks that changed.
+//! [`parse_keeping`] and [`reparse()`] (module [`mod@reparse`]) give the result of stages 1 and 2
+//! for an edited file by reading only the `network_policies` blocks that changed.
 //!
 //! The format and its meaning are in POLICY.md. Limits: only `protocol: rest` is inspected;
 //! GraphQL, MCP, JSON-RPC, WebSocket and credential-rewrite settings of the original schema are

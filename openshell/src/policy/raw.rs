@@ -30,12 +30,13 @@ pub(crate) struct RawPolicy<B = RawBlocks> {
 /// `network_policies`, by key (an empty `network_policies:` is null, hence the `Option` above).
 pub(crate) type RawBlocks = BTreeMap<String, Spanned<RawBlock>>;
 
-/// `network_policies` read like [`RawBlocks`] (same keys, values and errors), plus where each key
-/// was written, in file order.
+/// `network_policies` read like [`RawBlocks`] (same keys, values and errors), plus where each
+/// block's value starts, in file order, and how many entries were read (a mapping whose keys
+/// collide only as strings loses entries to the map).
 #[derive(Debug)]
 pub(crate) struct KeyedBlocks {
     pub blocks: RawBlocks,
-    pub keys: Vec<Location>,
+    pub values: Vec<Location>,
 }
 
 impl<'de> Deserialize<'de> for KeyedBlocks {
@@ -52,13 +53,12 @@ impl<'de> Deserialize<'de> for KeyedBlocks {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut blocks = RawBlocks::new();
-                let mut keys = Vec::new();
-                while let Some(key) = map.next_key::<Spanned<String>>()? {
-                    let block = map.next_value::<Spanned<RawBlock>>()?;
-                    keys.push(key.referenced);
-                    blocks.insert(key.value, block);
+                let mut values = Vec::new();
+                while let Some((key, block)) = map.next_entry::<String, Spanned<RawBlock>>()? {
+                    values.push(block.referenced);
+                    blocks.insert(key, block);
                 }
-                Ok(KeyedBlocks { blocks, keys })
+                Ok(KeyedBlocks { blocks, values })
             }
         }
 
@@ -67,13 +67,13 @@ impl<'de> Deserialize<'de> for KeyedBlocks {
 }
 
 impl RawPolicy<KeyedBlocks> {
-    /// The policy as [`crate::policy::parse`] reads it, and the key locations of
-    /// `network_policies` in file order (empty when the section is absent or null).
-    pub(crate) fn split_keys(self) -> (RawPolicy, Vec<Location>) {
-        let mut keys = Vec::new();
+    /// The policy as [`crate::policy::parse`] reads it, and where the values of
+    /// `network_policies` start, in file order (empty when the section is absent or null).
+    pub(crate) fn split_values(self) -> (RawPolicy, Vec<Location>) {
+        let mut values = Vec::new();
         let network_policies = self.network_policies.map(|np| {
             let blocks = np.value.map(|keyed| {
-                keys = keyed.keys;
+                values = keyed.values;
                 keyed.blocks
             });
             Spanned::new(blocks, np.referenced, np.defined)
@@ -86,7 +86,7 @@ impl RawPolicy<KeyedBlocks> {
             network_policies,
             network_middlewares: self.network_middlewares,
         };
-        (raw, keys)
+        (raw, values)
     }
 }
 

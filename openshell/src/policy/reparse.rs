@@ -53,7 +53,7 @@ use serde_saphyr::{Budget, Location};
 
 use super::MAX_POLICY_BYTES;
 use super::error::{Collector, PolicyErrors};
-use super::model::Policy;
+use super::model::{NetworkBlock, Policy};
 use super::raw::{KeyedBlocks, RawBlocks, RawNetworkOnly, RawPolicy};
 use super::validate::{
     read_yaml_tracking_path, too_large, validate_block, validate_raw, yaml_options,
@@ -271,14 +271,14 @@ pub fn parse_keeping(source_name: &str, text: &str) -> Result<Parsed, PolicyErro
             outcome: Outcome::Full,
         });
     };
-    let (raw, keys) = keyed.split_keys();
+    let (raw, values) = keyed.split_values();
     let policy = validate_raw(source_name, &raw)?;
     let blocks = raw
         .network_policies
         .as_ref()
         .and_then(|np| np.value.as_ref());
     let layout = match (&report, blocks) {
-        (Some(report), Some(blocks)) => find_layout(text, report, blocks, &keys),
+        (Some(report), Some(blocks)) => find_layout(text, report, blocks, &values),
         (None, _) => Err(Unqualified::Reader),
         (_, None) => Err(Unqualified::NoBlocks),
     };
@@ -295,24 +295,98 @@ pub fn parse_keeping(source_name: &str, text: &str) -> Result<Parsed, PolicyErro
 /// `network_policies` that changed when that is safe. The result is exactly what
 /// [`parse_keeping`] (and so [`crate::policy::parse`]) gives for `text`; any error comes from a
 /// full parse.
+///
+/// The result starts as a copy of `prev`'s policy: at 10,000 blocks the copy costs more than
+/// reading the changed block. [`Parsed::update`] does the same work in place, without it.
 pub fn reparse(prev: &Parsed, source_name: &str, text: &str) -> Result<Parsed, PolicyErrors> {
-    match try_reparse(prev, source_name, text) {
-        Ok(parsed) => Ok(parsed),
-        Err(reason) => parse_keeping(source_name, text).map(|mut parsed| {
-            parsed.outcome = Outcome::Fallback(reason);
-            parsed
-        }),
+    match plan(prev, source_name, text) {
+        Ok(plan) => {
+            let mut next = prev.clone();
+            next.apply(plan, text);
+            Ok(next)
+        }
+        Err(reason) => full_after(reason, source_name, text),
     }
+}
+
+impl Parsed {
+    /// Makes this the result of parsing `text`, an edit of [`Self::text`], as [`reparse`] does
+    /// but in place: only the changed blocks are read, replaced and the lines of the blocks after
+    /// them shifted. On error, `self` is left as it was (still the last good parse).
+    pub fn update(&mut self, source_name: &str, text: &str) -> Result<(), PolicyErrors> {
+        match plan(self, source_name, text) {
+            Ok(plan) => self.apply(plan, text),
+            Err(reason) => *self = full_after(reason, source_name, text)?,
+        }
+        Ok(())
+    }
+
+    /// Replaces the changed blocks by the chunk's and moves what follows them. Every check was
+    /// made by [`plan`], so nothing here can fail.
+    fn apply(&mut self, plan: Plan, text: &str) {
+        let Plan {
+            i,
+            j,
+            fresh,
+            spans,
+            line_delta,
+            usage,
+        } = plan;
+        let Ok(layout) = &mut self.layout else {
+            return;
+        };
+        let column = layout.column;
+        for span in &layout.blocks[i..j] {
+            if let Some(key) = span.key(&self.text, column) {
+                self.policy.network.remove(key);
+            }
+        }
+        let parsed = fresh.len();
+        self.policy.network.extend(fresh);
+
+        let byte_delta = text.len() as i64 - self.text.len() as i64;
+        let after = i + spans.len();
+        layout.blocks.splice(i..j, spans);
+        for b in &mut layout.blocks[after..] {
+            b.start = b.start.saturating_add_signed(byte_delta as isize);
+            b.line = b.line.saturating_add_signed(line_delta);
+        }
+        self.text.clear();
+        self.text.push_str(text);
+        self.usage = usage;
+        self.outcome = Outcome::Reused {
+            reused: layout.blocks.len() - parsed,
+            parsed,
+        };
+    }
+}
+
+/// The full parse, recording why the incremental one was not made.
+fn full_after(reason: Fallback, source_name: &str, text: &str) -> Result<Parsed, PolicyErrors> {
+    parse_keeping(source_name, text).map(|mut parsed| {
+        parsed.outcome = Outcome::Fallback(reason);
+        parsed
+    })
+}
+
+/// An incremental reparse, checked and ready to apply: blocks `i..j` of the previous layout
+/// become `fresh` (with their spans in the new text).
+#[derive(Debug)]
+pub(crate) struct Plan {
+    i: usize,
+    j: usize,
+    fresh: Vec<(String, Arc<NetworkBlock>)>,
+    spans: Vec<BlockSpan>,
+    line_delta: i64,
+    usage: Usage,
 }
 
 /// The document the changed blocks are read as: `PREFIX` then the chunk.
 const PREFIX: &str = "network_policies:\n";
 
-pub(crate) fn try_reparse(
-    prev: &Parsed,
-    source_name: &str,
-    text: &str,
-) -> Result<Parsed, Fallback> {
+/// Reads the changed blocks of `text` and checks everything an incremental reparse needs, or
+/// says why it cannot be made. Changes nothing.
+pub(crate) fn plan(prev: &Parsed, source_name: &str, text: &str) -> Result<Plan, Fallback> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(Fallback::TooLarge);
     }
@@ -324,12 +398,14 @@ pub(crate) fn try_reparse(
     let column = layout.column;
     let blocks = &layout.blocks;
     if old == new {
-        let mut same = prev.clone();
-        same.outcome = Outcome::Reused {
-            reused: blocks.len(),
-            parsed: 0,
-        };
-        return Ok(same);
+        return Ok(Plan {
+            i: 0,
+            j: 0,
+            fresh: Vec::new(),
+            spans: Vec::new(),
+            line_delta: 0,
+            usage: prev.usage,
+        });
     }
 
     // The changed bytes, widened to whole blocks: `old[s_i..old_end]` became
@@ -373,10 +449,12 @@ pub(crate) fn try_reparse(
         .ok_or(Fallback::ChunkInvalid)?;
 
     // The chunk's key positions, in the new text.
-    let first_line = blocks[i].line;
-    let line_offset = i64::try_from(first_line).map_err(|_| Fallback::ChunkKeys)? - 2;
-    let mut spans = Vec::with_capacity(keyed.keys.len());
-    for loc in &keyed.keys {
+    let line_offset = i64::try_from(blocks[i].line).map_err(|_| Fallback::ChunkKeys)? - 2;
+    if keyed.values.len() != keyed.blocks.len() || keyed.values.is_empty() {
+        return Err(Fallback::ChunkKeys);
+    }
+    let mut spans: Vec<BlockSpan> = Vec::with_capacity(keyed.values.len());
+    for loc in &keyed.values {
         let at = byte_offset(loc)
             .and_then(|o| o.checked_sub(PREFIX.len()))
             .ok_or(Fallback::ChunkKeys)?;
@@ -384,72 +462,56 @@ pub(crate) fn try_reparse(
             .line()
             .checked_add_signed(line_offset)
             .ok_or(Fallback::ChunkKeys)?;
-        let (span, key, spaces) =
-            check_key(text, s_i + at, line, loc.column()).ok_or(Fallback::ChunkKeys)?;
+        let (span, key, spaces) = key_of_value(text, s_i + at, line).ok_or(Fallback::ChunkKeys)?;
         if spaces != column
-            || !keyed.blocks.contains_key(key)
-            || spans
-                .last()
-                .is_some_and(|p: &BlockSpan| p.start >= span.start)
+            || span.start < s_i
+            || keyed.blocks.get(key).map(|b| &b.referenced) != Some(loc)
+            || spans.last().is_some_and(|p| p.start >= span.start)
         {
             return Err(Fallback::ChunkKeys);
         }
         spans.push(span);
     }
-    if spans.len() != keyed.blocks.len() || spans.is_empty() {
-        return Err(Fallback::ChunkKeys);
+
+    // A chunk key may reuse a replaced block's key, not an unchanged block's.
+    let replaced = blocks[i..j]
+        .iter()
+        .map(|span| span.key(&prev.text, column).ok_or(Fallback::ChunkKeys))
+        .collect::<Result<Vec<&str>, Fallback>>()?;
+    if keyed
+        .blocks
+        .keys()
+        .any(|k| prev.policy.network.contains_key(k) && !replaced.contains(&k.as_str()))
+    {
+        return Err(Fallback::DuplicateKey);
     }
 
     let mut c = Collector::new(source_name);
     let mut fresh = Vec::with_capacity(keyed.blocks.len());
     for (key, block) in &keyed.blocks {
-        fresh.push((key, Arc::new(validate_block(key, block, &mut c))));
+        fresh.push((key.clone(), Arc::new(validate_block(key, block, &mut c))));
     }
     if c.finish().is_err() {
         return Err(Fallback::ChunkInvalid);
     }
 
-    // Assemble: the blocks outside the chunk as they were (shared), the chunk's.
-    let mut policy = prev.policy.clone();
-    for span in &blocks[i..j] {
-        let key = span.key(&prev.text, column).ok_or(Fallback::ChunkKeys)?;
-        policy.network.remove(key);
-    }
     let line_delta = count_lines(chunk) - count_lines(&prev.text[s_i..old_end]);
-    let parsed = fresh.len();
-    for (key, block) in fresh {
-        if policy.network.insert(key.clone(), block).is_some() {
-            return Err(Fallback::DuplicateKey);
-        }
+    // Lines only move by what the chunk's line count changed, so they stay >= 1; checked all
+    // the same, as `apply` relies on it.
+    if blocks.get(j).is_some_and(|next| {
+        next.line
+            .checked_add_signed(line_delta)
+            .is_none_or(|l| l == 0)
+    }) {
+        return Err(Fallback::ChunkKeys);
     }
-
-    let byte_delta = new.len() as i64 - old.len() as i64;
-    let mut new_blocks = Vec::with_capacity(blocks.len() - (j - i) + spans.len());
-    new_blocks.extend_from_slice(&blocks[..i]);
-    new_blocks.extend_from_slice(&spans);
-    for b in &blocks[j..] {
-        new_blocks.push(BlockSpan {
-            start: b
-                .start
-                .checked_add_signed(byte_delta as isize)
-                .ok_or(Fallback::ChunkKeys)?,
-            key_len: b.key_len,
-            line: b
-                .line
-                .checked_add_signed(line_delta)
-                .ok_or(Fallback::ChunkKeys)?,
-        });
-    }
-    let reused = new_blocks.len() - parsed;
-    Ok(Parsed {
-        policy,
-        text: text.to_owned(),
-        layout: Ok(Layout {
-            column,
-            blocks: new_blocks,
-        }),
+    Ok(Plan {
+        i,
+        j,
+        fresh,
+        spans,
+        line_delta,
         usage,
-        outcome: Outcome::Reused { reused, parsed },
     })
 }
 
@@ -469,14 +531,15 @@ fn byte_offset(loc: &Location) -> Option<usize> {
     usize::try_from(loc.span().byte_offset()?).ok()
 }
 
-/// The layout of a file that parsed, or why it does not qualify.
+/// The layout of a file that parsed, or why it does not qualify. `values` are where the values
+/// of `network_policies` start, in file order.
 fn find_layout(
     text: &str,
     report: &BudgetReport,
     blocks: &RawBlocks,
-    keys: &[Location],
+    values: &[Location],
 ) -> Result<Layout, Unqualified> {
-    if blocks.is_empty() || keys.len() != blocks.len() {
+    if blocks.is_empty() {
         return Err(Unqualified::NoBlocks);
     }
     if report.aliases != 0 || report.documents != 1 {
@@ -485,14 +548,17 @@ fn find_layout(
     if !text_ok(text) {
         return Err(Unqualified::Text);
     }
-    let mut spans: Vec<BlockSpan> = Vec::with_capacity(keys.len());
+    if values.len() != blocks.len() {
+        return Err(Unqualified::Keys);
+    }
+    let mut spans: Vec<BlockSpan> = Vec::with_capacity(values.len());
     let mut column = None;
-    for loc in keys {
+    for loc in values {
         let (span, key, spaces) = byte_offset(loc)
-            .and_then(|at| check_key(text, at, loc.line(), loc.column()))
+            .and_then(|at| key_of_value(text, at, loc.line()))
             .ok_or(Unqualified::Keys)?;
         if *column.get_or_insert(spaces) != spaces
-            || !blocks.contains_key(key)
+            || blocks.get(key).map(|b| &b.referenced) != Some(loc)
             || spans.last().is_some_and(|p| p.start >= span.start)
         {
             return Err(Unqualified::Keys);
@@ -510,30 +576,67 @@ fn find_layout(
     })
 }
 
-/// Checks that the key read at byte `at` (1-based `line` and `column`) is a plain key starting
-/// with a letter or `_`, alone on its line after spaces, followed by `:` and a blank. Returns its
-/// span, the key and the count of spaces before it.
-fn check_key(text: &str, at: usize, line: u64, column: u64) -> Option<(BlockSpan, &str, usize)> {
-    let (before, rest) = (text.get(..at)?, text.get(at..)?);
-    let start = before.rfind('\n').map_or(0, |p| p + 1);
-    let spaces = at - start;
-    if spaces == 0 || !before[start..].bytes().all(|b| b == b' ') || column != spaces as u64 + 1 {
-        return None;
-    }
-    if !rest
-        .as_bytes()
-        .first()
-        .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+/// Finds the key of the block value that starts at byte `at` (on 1-based line `line`): on the
+/// same line before it, or on the nearest earlier line that is not blank or a comment (YAML
+/// allows only blanks and comments between a key and its value). Checks that it is a plain key
+/// starting with a letter or `_` (so never an integer or a null, which YAML compares by value),
+/// alone on its line after spaces and followed by `:`, then blanks or a comment up to the value.
+/// Returns its span, the key and the count of spaces before it.
+fn key_of_value(text: &str, at: usize, line: u64) -> Option<(BlockSpan, &str, usize)> {
+    let before = text.get(..at)?;
+    let value_line = before.rfind('\n').map_or(0, |p| p + 1);
+    let (start, line, between) = if before[value_line..].bytes().all(|b| b == b' ') {
+        let mut end = value_line;
+        let mut line = line;
+        loop {
+            let prev = end.checked_sub(1)?;
+            let start = before[..prev].rfind('\n').map_or(0, |p| p + 1);
+            line = line.checked_sub(1)?;
+            let content = before[start..prev].trim_end_matches('\r');
+            let content = content.trim_start_matches(' ');
+            if !content.is_empty() && !content.starts_with('#') {
+                // From the colon to the end of the key's line.
+                break (start, line, &before[start..prev]);
+            }
+            end = start;
+        }
+    } else {
+        (value_line, line, &before[value_line..])
+    };
+    let spaces = between.bytes().take_while(|&b| b == b' ').count();
+    let rest = &between[spaces..];
+    if spaces == 0
+        || !rest
+            .as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
     {
         return None;
     }
     let key_len = rest.find(':')?;
     let key = &rest[..key_len];
-    let after = rest.as_bytes().get(key_len + 1);
-    if key.contains(['\n', '\r', '#', '\t']) || key.ends_with(' ') {
+    if key.contains(['\n', '\r', '#', '\t'])
+        || key.ends_with(' ')
+        || key.eq_ignore_ascii_case("null")
+    {
         return None;
     }
-    if !matches!(after, None | Some(b' ' | b'\t' | b'\n' | b'\r')) {
+    // After the colon: blanks up to the value on the same line; or, on an earlier line, the
+    // line end, possibly after blanks and a comment.
+    let same_line = start == value_line;
+    let after = &rest[key_len + 1..];
+    let after = if same_line {
+        after
+    } else {
+        after.trim_end_matches('\r')
+    };
+    match after.as_bytes().first() {
+        None if !same_line => {}
+        Some(b' ' | b'\t') => {}
+        _ => return None,
+    }
+    let after = after.trim_start_matches([' ', '\t']);
+    if !(after.is_empty() || (!same_line && after.starts_with('#'))) {
         return None;
     }
     Some((
