@@ -392,3 +392,106 @@ fn iterate_on_a_running_sandbox() {
     let run = curl(&gw, "https://pypi.org/after-crash");
     assert_eq!(run.code, Some(0), "{run:?}");
 }
+
+/// `INITIAL`'s network blocks, then `filler` blocks for other hosts; the pypi block goes in the
+/// middle of them when `pypi`.
+fn many_blocks(filler: usize, pypi: bool) -> String {
+    let mut text = INITIAL.to_owned();
+    for i in 0..filler {
+        if pypi && i == filler / 2 {
+            text.push_str(PYPI_BLOCK);
+        }
+        text.push_str(&format!(
+            "  filler_{i}:\n    endpoints:\n      - {{ host: h{i}.example.com, port: 443 }}\n    binaries:\n      - {{ path: /usr/bin/curl }}\n"
+        ));
+    }
+    text
+}
+
+/// The `validate ...` part of the gateway's log line for the last loaded revision.
+fn last_validate_step(gw: &TestGateway) -> String {
+    let log = std::fs::read_to_string(gw.state_dir().join("gateway.log")).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" loaded (validate "))
+        .unwrap()
+        .to_owned();
+    let step = line.split_once("(validate ").unwrap().1;
+    step.split_once(", static check").unwrap().0.to_owned()
+}
+
+/// The gateway reads an edit of the policy it was last sent incrementally (only the changed
+/// blocks); what it enforces and the errors it reports are those of the whole file.
+#[test]
+fn an_edited_policy_is_read_incrementally_and_judged_in_full() {
+    if !privileged() {
+        return;
+    }
+    let host = TestHost::new(&["pypi.org"]).unwrap();
+    host.dns.add("pypi.org", host.ip());
+    let gw = gateway_for(&host);
+    let dir = gw.dir.path().to_owned();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let set = |path: &str| {
+        gw.run(&["policy", "set", "iter", "--policy", path, "--wait"])
+            .unwrap()
+    };
+    let initial = write("initial.yaml", INITIAL);
+    gw.run(&[
+        "sandbox", "create", "--name", "iter", "--policy", &initial, "--", "true",
+    ])
+    .unwrap()
+    .ok()
+    .unwrap();
+
+    // 200 blocks, none for curl to pypi.org.
+    let run = set(&write("big.yaml", &many_blocks(200, false)));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_ne!(curl(&gw, "https://pypi.org/denied").code, Some(0));
+
+    // The pypi block added in the middle: only it and its neighbour are read again.
+    let with_pypi = many_blocks(200, true);
+    let run = set(&write("pypi.yaml", &with_pypi));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("policy version 3 loaded"), "{run:?}");
+    let step = last_validate_step(&gw);
+    assert!(
+        step.contains("reading 2 changed blocks, keeping 200"),
+        "{step}"
+    );
+    let run = curl(&gw, "https://pypi.org/allowed");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(host.requests(), ["/allowed"]);
+
+    // An error in one block far down the file: reported at its line, nothing changes.
+    let bad = with_pypi.replace(
+        "h150.example.com, port: 443",
+        "h150.example.com, port: 99999",
+    );
+    let line = bad.lines().position(|l| l.contains("port: 99999")).unwrap() + 1;
+    let bad_path = write("bad.yaml", &bad);
+    let run = set(&bad_path);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("{bad_path}:{line}:")),
+        "line {line}: {run:?}"
+    );
+    // An edit that only reads in the context of the whole file (a quote left open swallows
+    // the following blocks): an error, not a partial policy.
+    let open_quote = with_pypi.replace("host: h120.example.com", "host: \"h120.example.com");
+    let run = set(&write("quote.yaml", &open_quote));
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains(": error: "), "{run:?}");
+
+    // Removing the pypi block again (from the last file that parsed) takes effect.
+    let run = set(&write("again.yaml", &many_blocks(200, false)));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("policy version 4 loaded"), "{run:?}");
+    assert_ne!(curl(&gw, "https://pypi.org/denied-again").code, Some(0));
+    assert_eq!(host.requests(), ["/allowed"]);
+}

@@ -287,10 +287,15 @@ fn read_policy(path: &std::path::Path) -> Result<String, PolicyErrors> {
             "check the path and its permissions",
         )
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .map_err(unreadable)?
-        .take(MAX_POLICY_BYTES as u64 + 1)
+    let file = File::open(path).map_err(unreadable)?;
+    // Sized up front (`take` hides the size from `read_to_end`, which would then grow the
+    // buffer a doubling at a time); the limit still bounds what is read.
+    let size = file
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(MAX_POLICY_BYTES as u64 + 1);
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0) + 1);
+    file.take(MAX_POLICY_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
     if bytes.len() > MAX_POLICY_BYTES {

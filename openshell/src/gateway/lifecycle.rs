@@ -156,6 +156,8 @@ pub struct Sandboxes {
     settled: tokio::sync::watch::Sender<u64>,
     /// Creation policies already parsed for their static sections, by revision hash.
     pub(super) creation_statics: super::revisions::StaticsCache,
+    /// The last parse of each sandbox's submitted policy, for the next reload.
+    pub(super) parses: super::revisions::ParseCache,
 }
 
 fn now_ms() -> i64 {
@@ -222,6 +224,7 @@ impl Sandboxes {
             policy_lock: Mutex::new(()),
             settled: tokio::sync::watch::Sender::new(0),
             creation_statics: super::revisions::StaticsCache::default(),
+            parses: super::revisions::ParseCache::default(),
         }
     }
 
@@ -427,6 +430,7 @@ impl Sandboxes {
             .remove(name);
         self.cas.remove(name).map_err(Self::trust_err(name))?;
         self.store.delete_sandbox(name)?;
+        self.parses.forget(name);
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use super::{
     lifecycle::{LifecycleError, Sandboxes},
 };
 use crate::{
-    policy::{self, Policy, PolicyError, PolicyErrors},
+    policy::{self, ParseOutcome, Parsed, Policy, PolicyError, PolicyErrors},
     proxy::CompiledNetwork,
     store::{
         EventKind, GatewayEvent, Phase, PolicyRevision, RevisionInfo, RevisionStatus,
@@ -168,6 +168,51 @@ impl StaticsCache {
         }
         cache.insert(rev.sha256.clone(), Arc::clone(&statics));
         Ok(statics)
+    }
+}
+
+/// The last policy text submitted for each sandbox that parsed, kept so that the next edit of it
+/// is read incrementally ([`Parsed::update`]: only the changed blocks of a large file are parsed
+/// again; the result is the same as a full parse).
+#[derive(Debug, Default)]
+pub struct ParseCache(Mutex<HashMap<String, Parsed>>);
+
+impl ParseCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parsed>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parses and validates `text`, a new policy for sandbox `name`, as an edit of the last one
+    /// that parsed if there is one, and keeps it for the next. Returns the policy and how it
+    /// was read.
+    fn parse(
+        &self,
+        name: &str,
+        source: &str,
+        text: &str,
+    ) -> Result<(Policy, ParseOutcome), PolicyErrors> {
+        // Taken out while it is updated: a concurrent update of the same sandbox reads its
+        // file in full, which gives the same result.
+        let taken = self.lock().remove(name);
+        let parsed = match taken {
+            Some(mut parsed) => match parsed.update(source, text) {
+                Ok(()) => parsed,
+                Err(errors) => {
+                    // Still the last text that parsed.
+                    self.lock().insert(name.to_owned(), parsed);
+                    return Err(errors);
+                }
+            },
+            None => policy::parse_keeping(source, text)?,
+        };
+        let result = (parsed.policy().clone(), parsed.outcome());
+        self.lock().insert(name.to_owned(), parsed);
+        Ok(result)
+    }
+
+    /// Forgets sandbox `name` (deleted).
+    pub(super) fn forget(&self, name: &str) {
+        self.lock().remove(name);
     }
 }
 
@@ -419,7 +464,9 @@ impl Sandboxes {
         // invalid file is reported as such whatever the state of the sandbox, as the CLI did
         // when it validated the file itself.
         let started = Instant::now();
-        let new = policy::parse(&req.policy_source, &req.policy)
+        let (new, read) = self
+            .parses
+            .parse(name, &req.policy_source, &req.policy)
             .map_err(|e| RevisionError::Invalid(e.to_string()))?;
         let validated = started.elapsed();
         let _guard = self
@@ -516,8 +563,16 @@ impl Sandboxes {
         // Where the time went, for BENCHMARKS.md and for operators wondering why a reload of a
         // large policy is slow.
         eprintln!(
-            "gateway: sandbox {name:?}: {message} (validate {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
+            "gateway: sandbox {name:?}: {message} (validate {} {}, static check {}, hash {}, record {}, compile {} beside them, swap {}, status {})",
             ms(validated),
+            match read {
+                ParseOutcome::Reused { reused, parsed } => {
+                    format!("reading {parsed} changed blocks, keeping {reused}")
+                }
+                ParseOutcome::Full | ParseOutcome::Fallback(_) => {
+                    "reading the whole file".to_owned()
+                }
+            },
             ms(checked),
             ms(hashed),
             ms(stored),

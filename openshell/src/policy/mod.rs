@@ -10,6 +10,9 @@
 //! 4. [`CompiledPolicy::decide_connection`] (L4) and [`CompiledPolicy::decide_request`] (L7)
 //!    answer with a [`Decision`].
 //!
+//! [`parse_keeping`] and [`reparse()`] (module [`mod@reparse`]) give the result of stages 1 and 2
+//! for an edited file by reading only the `network_policies` blocks that changed.
+//!
 //! The format and its meaning are in POLICY.md. Limits: only `protocol: rest` is inspected;
 //! GraphQL, MCP, JSON-RPC, WebSocket and credential-rewrite settings of the original schema are
 //! rejected as "not supported yet".
@@ -22,6 +25,7 @@ mod host;
 mod ip;
 mod model;
 mod raw;
+pub mod reparse;
 mod suggest;
 mod target;
 mod validate;
@@ -38,6 +42,7 @@ pub use model::{
     NetworkBlock, Policy, ProcessPolicy, QueryMatcher, RequestRule, RestPolicy, StaticSections,
     TlsMode,
 };
+pub use reparse::{Outcome as ParseOutcome, Parsed, parse_keeping, reparse};
 pub use suggest::{
     Change, Covered, Denial, DeniedRequest, Suggestion, Suggestions, Unresolved, describe,
     render_block, suggest,

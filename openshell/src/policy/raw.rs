@@ -9,24 +9,93 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 /// A field that is accepted by the parser only to be rejected by validation.
 pub(crate) type Unsupported = Option<Spanned<IgnoredAny>>;
 
+/// The whole file. `B` is how `network_policies` is read: [`RawBlocks`] for [`crate::policy::parse`],
+/// [`KeyedBlocks`] when the reparse layout needs to know where each key was written.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawPolicy {
+#[serde(deny_unknown_fields, bound(deserialize = "B: Deserialize<'de>"))]
+pub(crate) struct RawPolicy<B = RawBlocks> {
     pub version: Option<Spanned<RawScalar>>,
     pub filesystem_policy: Option<Spanned<RawFilesystem>>,
     pub landlock: Option<Spanned<RawLandlock>>,
     pub process: Option<Spanned<RawProcess>>,
-    pub network_policies: Option<Spanned<Option<RawBlocks>>>,
+    pub network_policies: Option<Spanned<Option<B>>>,
     pub network_middlewares: Unsupported,
 }
 
 /// `network_policies`, by key (an empty `network_policies:` is null, hence the `Option` above).
 pub(crate) type RawBlocks = BTreeMap<String, Spanned<RawBlock>>;
+
+/// `network_policies` read like [`RawBlocks`] (same keys, values and errors), plus where each
+/// block's value starts, in file order, and how many entries were read (a mapping whose keys
+/// collide only as strings loses entries to the map).
+#[derive(Debug)]
+pub(crate) struct KeyedBlocks {
+    pub blocks: RawBlocks,
+    pub values: Vec<Location>,
+}
+
+impl<'de> Deserialize<'de> for KeyedBlocks {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyedVisitor;
+
+        impl<'de> Visitor<'de> for KeyedVisitor {
+            type Value = KeyedBlocks;
+
+            // The words of `BTreeMap`'s visitor, so that an error reads as it does for `parse`.
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut blocks = RawBlocks::new();
+                let mut values = Vec::new();
+                while let Some((key, block)) = map.next_entry::<String, Spanned<RawBlock>>()? {
+                    values.push(block.referenced);
+                    blocks.insert(key, block);
+                }
+                Ok(KeyedBlocks { blocks, values })
+            }
+        }
+
+        deserializer.deserialize_map(KeyedVisitor)
+    }
+}
+
+impl RawPolicy<KeyedBlocks> {
+    /// The policy as [`crate::policy::parse`] reads it, and where the values of
+    /// `network_policies` start, in file order (empty when the section is absent or null).
+    pub(crate) fn split_values(self) -> (RawPolicy, Vec<Location>) {
+        let mut values = Vec::new();
+        let network_policies = self.network_policies.map(|np| {
+            let blocks = np.value.map(|keyed| {
+                values = keyed.values;
+                keyed.blocks
+            });
+            Spanned::new(blocks, np.referenced, np.defined)
+        });
+        let raw = RawPolicy {
+            version: self.version,
+            filesystem_policy: self.filesystem_policy,
+            landlock: self.landlock,
+            process: self.process,
+            network_policies,
+            network_middlewares: self.network_middlewares,
+        };
+        (raw, values)
+    }
+}
+
+/// A document holding only `network_policies`: how the reparse reads the changed blocks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetworkOnly {
+    pub network_policies: Option<Spanned<Option<KeyedBlocks>>>,
+}
 
 /// A scalar whose type is checked by validation rather than by serde, so that a wrong type is
 /// reported with the others instead of stopping the parse.

@@ -39,8 +39,13 @@ pub fn parse(source_name: &str, text: &str) -> Result<Policy, PolicyErrors> {
         return Err(too_large(source_name, text.len() as u64));
     }
     let raw = read_yaml(source_name, text)?;
+    validate_raw(source_name, &raw)
+}
+
+/// Validates a policy read by [`read_yaml`] (or an equivalent reader).
+pub(crate) fn validate_raw(source_name: &str, raw: &RawPolicy) -> Result<Policy, PolicyErrors> {
     let mut c = Collector::new(source_name);
-    let policy = validate(&raw, &mut c);
+    let policy = validate(raw, &mut c);
     c.finish()?;
     Ok(policy)
 }
@@ -55,16 +60,32 @@ pub fn too_large(source_name: &str, len: u64) -> PolicyErrors {
     )
 }
 
-fn read_yaml(source_name: &str, text: &str) -> Result<RawPolicy, PolicyErrors> {
+/// The YAML reader's settings: duplicate keys are errors, alias expansion is bounded, the
+/// default resource budget applies.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
     options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::Error;
     options.alias_limits.max_total_replayed_events = MAX_ALIAS_REPLAYED_EVENTS;
+    options
+}
+
+fn read_yaml(source_name: &str, text: &str) -> Result<RawPolicy, PolicyErrors> {
     // Tracking the field path costs a third of the parse; it is only needed for an error, so a
     // file that reads cleanly is read once without it, and one that does not is read again.
-    if let Ok(raw) = serde_saphyr::from_str_with_options::<RawPolicy>(text, options.clone()) {
+    if let Ok(raw) = serde_saphyr::from_str_with_options::<RawPolicy>(text, yaml_options()) {
         return Ok(raw);
     }
+    read_yaml_tracking_path(source_name, text)
+}
+
+/// Reads the YAML while tracking the field path, so that an error names it. Slower than a plain
+/// read; used once a plain read has failed.
+pub(crate) fn read_yaml_tracking_path(
+    source_name: &str,
+    text: &str,
+) -> Result<RawPolicy, PolicyErrors> {
+    let options = yaml_options();
     let mut field_path = String::new();
     let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
         serde_path_to_error::deserialize::<_, RawPolicy>(de).map_err(|err| {
@@ -399,7 +420,11 @@ fn validate_process(p: &RawProcess, c: &mut Collector<'_>) -> ProcessPolicy {
     }
 }
 
-fn validate_block(key: &str, block: &Spanned<RawBlock>, c: &mut Collector<'_>) -> NetworkBlock {
+pub(crate) fn validate_block(
+    key: &str,
+    block: &Spanned<RawBlock>,
+    c: &mut Collector<'_>,
+) -> NetworkBlock {
     let base = format!("network_policies.{key}");
     let raw = &block.value;
     let name = raw

@@ -3,4 +3,5 @@
 
 mod decide;
 mod props;
+mod reparse;
 mod validation;
