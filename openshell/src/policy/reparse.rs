@@ -11,7 +11,9 @@
 //! # How
 //!
 //! [`parse_keeping`] parses the whole file and records its *layout*: the byte offset and line
-//! of each block key, all at one column `c`. [`reparse`] then finds the changed bytes (the
+//! of each block key, all at one column `c` (found from where the reader says each block's value
+//! starts: its key is on that line or on the nearest earlier line that is not blank or a
+//! comment). [`reparse`] and [`Parsed::update`] then find the changed bytes (the
 //! common prefix and suffix of the old and new text) and widens them to whole blocks: from the
 //! last block whose key line's first `c + 1` bytes are unchanged, to the first later block key
 //! (or the end of the file) that lies in the unchanged suffix. Only that chunk is read, by the
@@ -29,13 +31,14 @@
 //!   aliases (an unchanged block could refer to an anchor in a changed one), had no directives,
 //!   no NUL and no lone CR; `network_policies:` stands alone on its line at column 0 with only
 //!   blank and comment lines before the first block; every block key is a plain scalar starting
-//!   with a letter or `_` (never an integer, whose duplicates YAML compares by value), alone after
-//!   `c >= 1` spaces at the start of its line;
+//!   with a letter or `_` (never an integer or a null, whose duplicates YAML compares by value),
+//!   alone after `c >= 1` spaces at the start of its line, with no anchor or tag on its value;
 //! - the chunk ends with a line break (or at the end of the file), holds no NUL or lone CR, and
 //!   no line of it starts at column 0 except comments: so it cannot end the document (`---`,
 //!   `...`), reach the sections after `network_policies`, or add a top-level key;
 //! - the chunk document reads and validates without any error, without aliases, as a block
-//!   mapping whose keys pass the same key checks; no chunk key is also an unchanged block's key;
+//!   mapping whose first key starts the chunk and whose keys pass the same key checks; no chunk
+//!   key is also an unchanged block's key;
 //! - the YAML reader's resource budget (events, nodes, depth, scalar bytes, anchors) cannot be
 //!   exceeded by the new file: the previous file's usage plus the chunk document's stays within
 //!   each limit.
@@ -472,6 +475,9 @@ pub(crate) fn plan(prev: &Parsed, source_name: &str, text: &str) -> Result<Plan,
             return Err(Fallback::ChunkKeys);
         }
         spans.push(span);
+    }
+    if spans.first().map(|b| b.start) != Some(s_i) {
+        return Err(Fallback::ChunkKeys);
     }
 
     // A chunk key may reuse a replaced block's key, not an unchanged block's.
