@@ -5,7 +5,7 @@
 //! enough to bring it near the reload budget. Here a one-block edit of that file is read in well
 //! under a millisecond by [`Parsed::update`] (in place), or in a few milliseconds by [`reparse`]
 //! (which copies the previous policy first). The result is always exactly what a full parse of
-//! the new text gives (the same [`Policy`], positions included, or the same errors): whenever
+//! the new text gives (the same [`Policy`], or the same errors with their positions): whenever
 //! that cannot be guaranteed, the full parse is made, and [`Parsed::outcome`] says why.
 //!
 //! # How
@@ -17,8 +17,9 @@
 //! common prefix and suffix of the old and new text) and widens them to whole blocks: from the
 //! last block whose key line's first `c + 1` bytes are unchanged, to the first later block key
 //! (or the end of the file) that lies in the unchanged suffix. Only that chunk is read, by the
-//! same YAML reader and validator, as the document `network_policies:` + chunk. Its blocks get
-//! their line numbers back, and the blocks after it shift by the chunk's change in line count.
+//! same YAML reader and validator, as the document `network_policies:` + chunk. Its blocks
+//! replace the old ones; the layout of the blocks after it moves by the chunk's change in bytes
+//! and lines.
 //!
 //! Why the chunk reads alone as it does in the whole file: the YAML reader's state at the start
 //! of a block key line at column `c` is always the same (inside the top-level mapping, inside
@@ -315,8 +316,8 @@ pub fn reparse(prev: &Parsed, source_name: &str, text: &str) -> Result<Parsed, P
 
 impl Parsed {
     /// Makes this the result of parsing `text`, an edit of [`Self::text`], as [`reparse`] does
-    /// but in place: only the changed blocks are read, replaced and the lines of the blocks after
-    /// them shifted. On error, `self` is left as it was (still the last good parse).
+    /// but in place: only the changed blocks are read and replaced, and the layout of the blocks
+    /// after them moved. On error, `self` is left as it was (still the last good parse).
     pub fn update(&mut self, source_name: &str, text: &str) -> Result<(), PolicyErrors> {
         match plan(self, source_name, text) {
             Ok(plan) => self.apply(plan, text),
