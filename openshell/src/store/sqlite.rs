@@ -115,6 +115,37 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Revision `version` of a scope, or its newest loaded one when `version` is `None`: the
+    /// `(columns, tables)` given, read by `row` (which leaves the status as text), with the
+    /// status checked and set by `with_status`.
+    fn one_revision<T>(
+        &self,
+        sandbox: Option<&str>,
+        version: Option<i64>,
+        (columns, tables): (&str, &str),
+        row: fn(&Row<'_>) -> rusqlite::Result<(T, String)>,
+        with_status: fn(T, RevisionStatus) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let conn = self.conn();
+        let id = sandbox_id(&conn, sandbox)?;
+        let found = conn
+            .query_row(
+                &format!(
+                    "SELECT {columns} FROM {tables}
+                     WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
+                       AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
+                     ORDER BY r.version DESC LIMIT 1"
+                ),
+                params![id, version],
+                row,
+            )
+            .optional()
+            .map_err(sql("reading a policy revision"))?;
+        found
+            .map(|(value, status)| Ok(with_status(value, revision_status(status)?)))
+            .transpose()
+    }
+
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open {
@@ -238,6 +269,14 @@ fn info_row(row: &Row<'_>) -> rusqlite::Result<(RevisionInfo, String)> {
         },
         row.get(3)?,
     ))
+}
+
+/// A revision row's `status` column, checked.
+fn revision_status(status: String) -> Result<RevisionStatus, StoreError> {
+    RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
+        what: "policy_revisions.status",
+        value: status,
+    })
 }
 
 fn revision_row(row: &Row<'_>) -> rusqlite::Result<(PolicyRevision, String)> {
@@ -458,10 +497,7 @@ impl Store for SqliteStore {
             .map_err(sql("listing policy revisions"))?;
         rows.map(|r| {
             let (mut rev, status) = r.map_err(sql("listing policy revisions"))?;
-            rev.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
-                what: "policy_revisions.status",
-                value: status,
-            })?;
+            rev.status = revision_status(status)?;
             Ok(rev)
         })
         .collect()
@@ -472,30 +508,13 @@ impl Store for SqliteStore {
         sandbox: Option<&str>,
         version: Option<i64>,
     ) -> Result<Option<PolicyRevision>, StoreError> {
-        let conn = self.conn();
-        let id = sandbox_id(&conn, sandbox)?;
-        let found = conn
-            .query_row(
-                &format!(
-                    "SELECT {REVISION_COLUMNS} FROM {REVISION_TABLES}
-                     WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
-                       AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
-                     ORDER BY r.version DESC LIMIT 1"
-                ),
-                params![id, version],
-                revision_row,
-            )
-            .optional()
-            .map_err(sql("reading a policy revision"))?;
-        found
-            .map(|(mut rev, status)| {
-                rev.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
-                    what: "policy_revisions.status",
-                    value: status,
-                })?;
-                Ok(rev)
-            })
-            .transpose()
+        self.one_revision(
+            sandbox,
+            version,
+            (REVISION_COLUMNS, REVISION_TABLES),
+            revision_row,
+            |rev, status| PolicyRevision { status, ..rev },
+        )
     }
 
     fn revision_info(
@@ -503,30 +522,13 @@ impl Store for SqliteStore {
         sandbox: Option<&str>,
         version: Option<i64>,
     ) -> Result<Option<RevisionInfo>, StoreError> {
-        let conn = self.conn();
-        let id = sandbox_id(&conn, sandbox)?;
-        let found = conn
-            .query_row(
-                &format!(
-                    "SELECT {INFO_COLUMNS} FROM {INFO_TABLES}
-                     WHERE ifnull(r.sandbox_id, 0) = ifnull(?1, 0)
-                       AND (r.version = ?2 OR (?2 IS NULL AND r.status = 'loaded'))
-                     ORDER BY r.version DESC LIMIT 1"
-                ),
-                params![id, version],
-                info_row,
-            )
-            .optional()
-            .map_err(sql("reading a policy revision"))?;
-        found
-            .map(|(mut info, status)| {
-                info.status = RevisionStatus::parse(&status).ok_or(StoreError::Corrupt {
-                    what: "policy_revisions.status",
-                    value: status,
-                })?;
-                Ok(info)
-            })
-            .transpose()
+        self.one_revision(
+            sandbox,
+            version,
+            (INFO_COLUMNS, INFO_TABLES),
+            info_row,
+            |info, status| RevisionInfo { status, ..info },
+        )
     }
 
     fn setting(&self, scope: &str, key: &str) -> Result<Option<String>, StoreError> {
