@@ -23,7 +23,7 @@ pub use net::{Endpoint, Ipv4Be, Ipv6Be, PortBe};
 /// Version of the pinned map layout. Bump it whenever any type in this crate that lives in a
 /// pinned map changes; pins of another version are never reused (user space keeps them in a
 /// directory named after the version).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `AF_INET`, as stored in [`Endpoint::family`].
 pub const AF_INET: u16 = 2;
@@ -40,6 +40,17 @@ pub const RECORD_CAPACITY: u32 = 65_536;
 pub const RELAY_CAPACITY: u32 = 65_536;
 /// Capacity of the per-cgroup mode map (one entry per sandbox that is not in the default mode).
 pub const MODE_CAPACITY: u32 = 4_096;
+/// Capacity of the kernel's verdict cache ([`map_names::VERDICTS`]). An LRU map: a full cache
+/// evicts the least used verdict, whose next connection goes through the proxy again.
+pub const VERDICT_CAPACITY: u32 = 16_384;
+/// Capacity of the map of open direct connections ([`map_names::DIRECT`]). A plain hash map:
+/// when it is full, a connection that has a verdict goes through the proxy instead.
+pub const DIRECT_CAPACITY: u32 = 65_536;
+/// Size of the ring buffer that carries direct connections to the decision log
+/// ([`map_names::DIRECT_EVENTS`]), in bytes (a power of two, a multiple of the page size).
+/// When it is full, a connection that has a verdict goes through the proxy instead, so nothing
+/// goes direct unlogged.
+pub const DIRECT_EVENTS_BYTES: u32 = 1 << 20;
 
 /// Names of the maps, shared so that user space never spells them differently.
 pub mod map_names {
@@ -53,6 +64,21 @@ pub mod map_names {
     pub const MODES: &str = "OPENSHELL_MODES";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "OPENSHELL_COUNTERS";
+    /// `LruHashMap<VerdictKey, Verdict>`: the proxy's allow decisions that the connect
+    /// programs may apply alone (`openshell::ebpf::FastPath` explains when).
+    pub const VERDICTS: &str = "OPENSHELL_VERDICTS";
+    /// `HashMap<u64 cgroup id, u64 epoch>`: a verdict counts only while its epoch is its
+    /// cgroup's current one; user space moves the epoch on before anything that could change a
+    /// decision (a policy change, a name the sandbox newly resolved).
+    pub const EPOCHS: &str = "OPENSHELL_EPOCHS";
+    /// `Array<u64>` with one entry: verdicts count only until this `CLOCK_MONOTONIC` time in
+    /// nanoseconds, which the gateway keeps pushing forward while it runs.
+    pub const ALIVE: &str = "OPENSHELL_ALIVE";
+    /// `HashMap<u64 socket cookie, DirectConn>`: open connections that went direct on a
+    /// verdict, so that user space can judge them again and close them.
+    pub const DIRECT: &str = "OPENSHELL_DIRECT";
+    /// `RingBuf` of [`super::DirectEvent`]: one per connection that went direct.
+    pub const DIRECT_EVENTS: &str = "OPENSHELL_DIRECT_EVENTS";
 
     /// `SockHash<u64 socket cookie>`: the proxy's sockets whose received bytes the
     /// `openshell_relay` program forwards in the kernel. Not pinned: the sockets belong to one
@@ -67,7 +93,18 @@ pub mod map_names {
 
     /// Every map that user space pins, so that it survives a gateway restart (all but the relay
     /// maps).
-    pub const PINNED: [&str; 5] = [CONFIG, BY_COOKIE, BY_PEER, MODES, COUNTERS];
+    pub const PINNED: [&str; 10] = [
+        CONFIG,
+        BY_COOKIE,
+        BY_PEER,
+        MODES,
+        COUNTERS,
+        VERDICTS,
+        EPOCHS,
+        ALIVE,
+        DIRECT,
+        DIRECT_EVENTS,
+    ];
 }
 
 /// What the programs do for the sockets of one cgroup.
@@ -121,11 +158,16 @@ pub enum Counter {
     /// An inbound packet for a sandboxed socket was dropped because it did not arrive on the
     /// loopback device for a loopback address.
     IngressDropped = 10,
+    /// A TCP connect went direct on a verdict of the proxy ([`map_names::VERDICTS`]).
+    Direct = 11,
+    /// A TCP connect had a verdict but went through the proxy, because the direct-connection map
+    /// or the event ring was full.
+    DirectFull = 12,
 }
 
 impl Counter {
     /// Number of counters (the size of the counters map).
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::TcpRedirected,
@@ -139,13 +181,15 @@ impl Counter {
         Self::BindToLoopback,
         Self::BindDenied,
         Self::IngressDropped,
+        Self::Direct,
+        Self::DirectFull,
     ];
 }
 
 /// Byte offsets of the kernel structure fields the connect programs follow to find the
-/// executable: `task_struct → mm → exe_file → f_inode → (i_sb → s_dev, i_ino)` and
-/// `task_struct → real_parent → tgid`. Rust eBPF has no CO-RE, so user space reads these from
-/// `/sys/kernel/btf/vmlinux` and stores them in [`Config`].
+/// executable: `task_struct → mm → exe_file → f_inode → (i_sb → s_dev, i_ino, i_ctime_sec,
+/// i_ctime_nsec, i_nlink)` and `task_struct → real_parent → tgid`. Rust eBPF has no CO-RE, so
+/// user space reads these from `/sys/kernel/btf/vmlinux` and stores them in [`Config`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
@@ -157,8 +201,12 @@ pub struct KernelOffsets {
     pub inode_i_sb: u32,
     pub inode_i_ino: u32,
     pub sb_s_dev: u32,
+    pub inode_i_ctime_sec: u32,
+    pub inode_i_ctime_nsec: u32,
+    pub inode_i_nlink: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
 
 /// An IPv4 listener address.
 #[repr(C)]
@@ -199,7 +247,7 @@ pub struct Config {
     pub flags: u32,
     pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 impl Config {
     /// Set by user space when the entry is complete; until then every connect is refused.
@@ -234,9 +282,15 @@ pub struct ConnectRecord {
     pub flags: u32,
     /// The destination the program asked for.
     pub orig_dst: Endpoint,
+    /// Number of hard links of the executable (valid with [`ConnectRecord::FLAG_EXE`]).
+    pub exe_nlink: u32,
+    /// Last status change of the executable (`st_ctime`, seconds and nanoseconds), valid with
+    /// [`ConnectRecord::FLAG_EXE`]: any change of its content or links moves it.
+    pub exe_ctime_sec: i64,
+    pub exe_ctime_nsec: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 88);
 
 impl ConnectRecord {
     /// `exe_dev`, `exe_ino` and `parent_tgid` were read successfully.
@@ -299,6 +353,86 @@ pub struct RelayPeer {
 
 const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
 
+/// Which executable, in which sandbox, may connect where without asking the proxy
+/// ([`map_names::VERDICTS`]). The executable is one version of one file: its device, inode and
+/// status-change time (a write, a rename, a new hard link all move the time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub cgroup_id: u64,
+    pub exe_ino: u64,
+    pub exe_ctime_sec: i64,
+    pub exe_dev: KernelDev,
+    pub exe_ctime_nsec: u32,
+    /// The destination exactly as the connect program sees it.
+    pub dst: Endpoint,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 56);
+
+impl VerdictKey {
+    /// The key of the connection `record` describes (its executable fields must be valid).
+    #[must_use]
+    pub const fn of_record(record: &ConnectRecord) -> Self {
+        Self {
+            cgroup_id: record.cgroup_id,
+            exe_ino: record.exe_ino,
+            exe_ctime_sec: record.exe_ctime_sec,
+            exe_dev: record.exe_dev,
+            exe_ctime_nsec: record.exe_ctime_nsec,
+            dst: record.orig_dst,
+            _pad: 0,
+        }
+    }
+}
+
+/// One allow decision of the proxy that the connect programs apply alone
+/// ([`map_names::VERDICTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Counts only while this is the cgroup's epoch in [`map_names::EPOCHS`].
+    pub epoch: u64,
+    /// Counts only before this `CLOCK_MONOTONIC` time, in nanoseconds.
+    pub expires_ns: u64,
+    /// User space's handle on the decision (what it logs for each direct connection).
+    pub id: u64,
+}
+const _: () = assert!(core::mem::size_of::<Verdict>() == 24);
+
+/// One open connection that went direct ([`map_names::DIRECT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectConn {
+    /// The verdict it went on.
+    pub id: u64,
+    pub cgroup_id: u64,
+    /// The destination.
+    pub dst: Endpoint,
+    /// The socket's own address, filled in by `sock_ops` when the SYN leaves (port 0 until
+    /// then).
+    pub local: Endpoint,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DirectConn>() == 64);
+
+/// What the connect programs report for each connection that went direct
+/// ([`map_names::DIRECT_EVENTS`]): what the proxy would have logged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectEvent {
+    /// The verdict it went on.
+    pub id: u64,
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub parent_tgid: u32,
+    pub dst: Endpoint,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DirectEvent>() == 56);
+
 #[cfg(feature = "user")]
 #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
 mod pod {
@@ -311,4 +445,10 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RelayPeer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VerdictKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DirectConn {}
 }

@@ -26,6 +26,15 @@
 //!   (TCP from the proxy, UDP from the DNS listener, addressed to the socket's loopback source)
 //!   pass; `recvmsg4/6` restore the DNS source in the `sockaddr` only, the packet is untouched.
 //!
+//! - The direct path: `connect4`/`connect6` first look for a verdict of the proxy
+//!   (`OPENSHELL_VERDICTS`) for this executable version, sandbox and destination. A verdict of
+//!   the cgroup's current epoch, not expired, while the gateway is alive, lets the connect go
+//!   to its destination unchanged; the socket is entered in `OPENSHELL_DIRECT` (so `ingress`
+//!   lets its packets in and user space can close it after a policy change) and an event goes
+//!   to the ring buffer for the decision log. Without one, or if either cannot be written, the
+//!   connect goes to the proxy as always. `openshell::ebpf::FastPath` says when the proxy
+//!   writes a verdict.
+//!
 //! Every program has a one-line entry that calls `try_x` and states what happens when `try_x`
 //! fails. The default is closed: a connect or send that cannot be handled is refused.
 #![no_std]
@@ -38,18 +47,19 @@ use aya_ebpf::{
         BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr, sk_action,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use openshell_common::{
-    AF_INET, AF_INET6, CgroupMode, Config, ConnectRecord, Counter, Endpoint, Ipv4Be, Ipv6Be,
-    KernelDev, KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY, RELAY_CAPACITY,
-    RelayPeer,
+    AF_INET, AF_INET6, CgroupMode, Config, ConnectRecord, Counter, DIRECT_CAPACITY,
+    DIRECT_EVENTS_BYTES, DirectConn, DirectEvent, Endpoint, Ipv4Be, Ipv6Be, KernelDev,
+    KernelOffsets, MODE_CAPACITY, PeerKey, PortBe, RECORD_CAPACITY, RELAY_CAPACITY, RelayPeer,
+    VERDICT_CAPACITY, Verdict, VerdictKey,
     decide::{
         Action, BindAction, PacketDst, bind4_action, bind6_action, connect_action, ingress_allowed,
         sendmsg_action,
@@ -92,6 +102,23 @@ static RELAY_PEERS: HashMap<u64, RelayPeer> =
 
 #[map(name = "OPENSHELL_RELAY_SENT")]
 static RELAY_SENT: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "OPENSHELL_VERDICTS")]
+static VERDICTS: LruHashMap<VerdictKey, Verdict> =
+    LruHashMap::with_max_entries(VERDICT_CAPACITY, 0);
+
+#[map(name = "OPENSHELL_EPOCHS")]
+static EPOCHS: HashMap<u64, u64> = HashMap::with_max_entries(MODE_CAPACITY, 0);
+
+#[map(name = "OPENSHELL_ALIVE")]
+static ALIVE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "OPENSHELL_DIRECT")]
+static DIRECT: HashMap<u64, DirectConn> =
+    HashMap::with_max_entries(DIRECT_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "OPENSHELL_DIRECT_EVENTS")]
+static DIRECT_EVENTS: RingBuf = RingBuf::with_byte_size(DIRECT_EVENTS_BYTES, 0);
 
 #[map(name = "OPENSHELL_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -219,14 +246,18 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Error> {
     match connect_action(cfg.is_configured(), mode(), sock_type, protocol, dst.port) {
         Action::RedirectTcp if cfg.tcp_v4.port == 0 => Ok(deny(Counter::Unconfigured)),
         Action::RedirectTcp => {
-            record(ctx, cfg, dst, ConnectRecord::FLAG_TCP)?;
+            let record = new_record(ctx, cfg, dst, ConnectRecord::FLAG_TCP);
+            if go_direct(&record) {
+                return Ok(ALLOW);
+            }
+            store_record(&record)?;
             set_v4(sa, cfg.tcp_v4.addr, cfg.tcp_v4.port);
             count(Counter::TcpRedirected);
             debug!(ctx, "connect4 redirected port {}", dst.port);
             Ok(ALLOW)
         }
         Action::RedirectDns => {
-            record(ctx, cfg, dst, 0)?;
+            store_record(&new_record(ctx, cfg, dst, 0))?;
             set_v4(sa, cfg.dns_v4.addr, cfg.dns_v4.port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
@@ -251,7 +282,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
             if port == 0 {
                 return Ok(deny(Counter::Unconfigured));
             }
-            record(ctx, cfg, dst, ConnectRecord::FLAG_TCP)?;
+            let record = new_record(ctx, cfg, dst, ConnectRecord::FLAG_TCP);
+            if go_direct(&record) {
+                return Ok(ALLOW);
+            }
+            store_record(&record)?;
             set_v6(sa, addr, port);
             count(Counter::TcpRedirected);
             debug!(ctx, "connect6 redirected port {}", dst.port);
@@ -262,7 +297,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
             if port == 0 {
                 return Ok(deny(Counter::Unconfigured));
             }
-            record(ctx, cfg, dst, 0)?;
+            store_record(&new_record(ctx, cfg, dst, 0))?;
             set_v6(sa, addr, port);
             count(Counter::DnsRedirected);
             Ok(ALLOW)
@@ -371,6 +406,15 @@ fn try_sock_ops(ctx: &SockOpsContext) {
 fn rekey_by_peer(ctx: &SockOpsContext) {
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_ops` the kernel passed in; the helper only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(direct) = DIRECT.get_ptr_mut(cookie) {
+        // A direct connection: its own address is known now, and user space needs it to close
+        // the connection after a policy change.
+        let key = peer_key(ctx);
+        // SAFETY: the entry is this socket's, written by its own connect just before; an
+        // update races only with user space reading a port of 0 (it then skips the socket).
+        unsafe { (*direct).local = Endpoint::v6(key.addr, key.port) };
+        return;
+    }
     // SAFETY: the value is copied out at once; the LRU map may evict the entry afterwards.
     let Some(record) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
@@ -422,6 +466,7 @@ fn try_sock_release(ctx: &SockContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A missing entry is the common case (sockets that were never redirected).
     let _ = BY_COOKIE.remove(cookie);
+    let _ = DIRECT.remove(cookie);
 }
 
 fn relay(ctx: &SkBuffContext) -> u32 {
@@ -511,10 +556,17 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, Error> {
         _ => return Err(Error::Packet),
     };
     if ingress_allowed(ifindex, dst) {
-        Ok(PASS)
-    } else {
-        Ok(drop_packet())
+        return Ok(PASS);
     }
+    // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed in; the helper only reads the
+    // socket the packet was delivered to.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { DIRECT.get(cookie) }.is_some() {
+        // An answer on a connection that went direct on the proxy's verdict.
+        return Ok(PASS);
+    }
+    Ok(drop_packet())
 }
 
 /// Four packet bytes as they are in memory (network order), the layout of [`Ipv4Be`].
@@ -557,8 +609,8 @@ fn count(counter: Counter) {
     }
 }
 
-/// Stores the record for the current connect under the socket cookie.
-fn record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) -> Result<(), Error> {
+/// The record of the current connect: who calls, from which executable, to where.
+fn new_record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) -> ConnectRecord {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     // SAFETY: `ctx.as_ptr()` is the `bpf_sock_addr` the kernel passed in; the helper only reads it.
@@ -580,15 +632,81 @@ fn record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) -> Res
                 record.exe_dev = exe.dev;
                 record.exe_ino = exe.ino;
                 record.parent_tgid = exe.parent_tgid;
+                record.exe_nlink = exe.nlink;
+                record.exe_ctime_sec = exe.ctime_sec;
+                record.exe_ctime_nsec = exe.ctime_nsec;
                 record.flags |= ConnectRecord::FLAG_EXE;
             }
             None => count(Counter::ExeUnknown),
         }
     }
-    BY_COOKIE.insert(cookie, record, 0).map_err(|_| {
+    record
+}
+
+/// Stores `record` under its socket cookie, for the proxy (and `recvmsg`, `getpeername`).
+fn store_record(record: &ConnectRecord) -> Result<(), Error> {
+    // A socket whose earlier connect went direct and failed is not direct any more.
+    let _ = DIRECT.remove(record.cookie);
+    BY_COOKIE.insert(record.cookie, *record, 0).map_err(|_| {
         count(Counter::RecordFailed);
         Error::Record
     })
+}
+
+/// Whether the connect of `record` may go to its destination unchanged, on a verdict of the
+/// proxy. When it returns `true` the socket is in the direct map and its event is in the ring
+/// buffer; otherwise nothing was left behind and the connect goes to the proxy.
+fn go_direct(record: &ConnectRecord) -> bool {
+    // One path per file: a file with several hard links could be run under a path the verdict
+    // was not given for.
+    if !record.has_exe() || record.exe_nlink != 1 {
+        return false;
+    }
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match ALIVE.get(0) {
+        Some(until) if now < *until => {}
+        _ => return false,
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(epoch) = (unsafe { EPOCHS.get(record.cgroup_id) }).copied() else {
+        return false;
+    };
+    // SAFETY: the value is copied out at once; the LRU map may evict the entry afterwards.
+    let Some(verdict) = (unsafe { VERDICTS.get(VerdictKey::of_record(record)) }).copied() else {
+        return false;
+    };
+    if verdict.epoch != epoch || now >= verdict.expires_ns {
+        return false;
+    }
+    let conn = DirectConn {
+        id: verdict.id,
+        cgroup_id: record.cgroup_id,
+        dst: record.orig_dst,
+        tgid: record.tgid,
+        ..DirectConn::default()
+    };
+    if DIRECT.insert(record.cookie, conn, 0).is_err() {
+        count(Counter::DirectFull);
+        return false;
+    }
+    let event = DirectEvent {
+        id: verdict.id,
+        cookie: record.cookie,
+        cgroup_id: record.cgroup_id,
+        tgid: record.tgid,
+        parent_tgid: record.parent_tgid,
+        dst: record.orig_dst,
+        _pad: 0,
+    };
+    if DIRECT_EVENTS.output::<DirectEvent>(&event, 0).is_err() {
+        // Nothing goes direct unlogged.
+        let _ = DIRECT.remove(record.cookie);
+        count(Counter::DirectFull);
+        return false;
+    }
+    count(Counter::Direct);
+    true
 }
 
 /// Remembers the resolver an unconnected UDP socket sent to, for `recvmsg` and `getpeername`.
@@ -621,13 +739,19 @@ fn lookup_cookie(ctx: &SockAddrContext) -> Option<Endpoint> {
     unsafe { BY_COOKIE.get(cookie) }.map(|r| r.orig_dst)
 }
 
+/// The nanoseconds in `inode.i_ctime_nsec`, without the kernel's flag bit (`I_CTIME_QUERIED`).
+const CTIME_NSEC_MASK: u32 = 0x7fff_ffff;
+
 struct ExeIdentity {
     dev: KernelDev,
     ino: u64,
     parent_tgid: u32,
+    nlink: u32,
+    ctime_sec: i64,
+    ctime_nsec: u32,
 }
 
-/// Reads `current → mm → exe_file → f_inode → (i_sb → s_dev, i_ino)` and
+/// Reads `current → mm → exe_file → f_inode → (i_sb → s_dev, i_ino, i_nlink, i_ctime)` and
 /// `current → real_parent → tgid` with the offsets user space resolved from BTF.
 fn exe_identity(off: &KernelOffsets) -> Option<ExeIdentity> {
     // SAFETY: the helper takes no arguments and returns the current task_struct's address.
@@ -645,12 +769,20 @@ fn exe_identity(off: &KernelOffsets) -> Option<ExeIdentity> {
     let ino: u64 = read_kernel(inode, off.inode_i_ino)?;
     let sb: usize = read_kernel(inode, off.inode_i_sb)?;
     let dev: u32 = read_kernel(sb, off.sb_s_dev)?;
+    let nlink: u32 = read_kernel(inode, off.inode_i_nlink)?;
+    let ctime_sec: i64 = read_kernel(inode, off.inode_i_ctime_sec)?;
+    // The top bit is the kernel's own flag (multigrain timestamps: "ctime was queried"), not
+    // part of the time; nanoseconds never reach it.
+    let ctime_nsec = read_kernel::<u32>(inode, off.inode_i_ctime_nsec)? & CTIME_NSEC_MASK;
     let parent: usize = read_kernel(task, off.task_real_parent)?;
     let parent_tgid: u32 = read_kernel(parent, off.task_tgid)?;
     Some(ExeIdentity {
         dev: KernelDev(dev),
         ino,
         parent_tgid,
+        nlink,
+        ctime_sec,
+        ctime_nsec,
     })
 }
 

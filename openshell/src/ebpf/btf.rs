@@ -467,10 +467,12 @@ mod tests {
             ("inode", "i_sb", 8),
             ("inode", "i_ino", 8),
             ("super_block", "s_dev", 4),
+            ("inode", "__i_nlink", 4),
         ] {
             btf.member_offset(s, m, size)
                 .unwrap_or_else(|e| panic!("{s}.{m}: {e}"));
         }
+        super::super::ctime_offsets(&btf).unwrap();
         // pid and tgid are adjacent ints in task_struct.
         assert_eq!(
             btf.member_offset("task_struct", "tgid", 4).unwrap(),

@@ -29,6 +29,7 @@ mod bpffs;
 mod btf;
 mod config;
 mod error;
+mod fast_path;
 mod kernel_relay;
 mod record;
 
@@ -51,10 +52,11 @@ use aya::{
 pub use btf::BtfError;
 pub use config::InterceptorConfig;
 pub use error::EbpfError;
+pub use fast_path::FastPath;
 pub use kernel_relay::{Joined, KernelRelay, Side};
 use openshell_common::{self as common, Config, Counter, KernelOffsets, PeerKey, map_names};
 pub use openshell_common::{CgroupMode, LAYOUT_VERSION};
-pub use record::{ConnectRecord, Counters, ExeId, RecordCounts};
+pub use record::{ConnectRecord, Counters, ExeId, RecordCounts, endpoint_addr};
 
 /// The compiled eBPF object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/openshell"));
@@ -128,6 +130,7 @@ pub struct Interceptor {
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     kernel_relay: Result<Arc<KernelRelay>, String>,
+    fast_path: Arc<FastPath>,
     root: PathBuf,
 }
 
@@ -189,6 +192,7 @@ impl Interceptor {
         let kernel_relay = KernelRelay::load(&mut ebpf)
             .map(Arc::new)
             .map_err(|e| e.to_string());
+        let fast_path = Arc::new(FastPath::load(&mut ebpf)?);
         Ok(Self {
             ebpf,
             config_map,
@@ -198,8 +202,15 @@ impl Interceptor {
             counters,
             logger,
             kernel_relay,
+            fast_path,
             root,
         })
+    }
+
+    /// The verdict maps of the direct path.
+    #[must_use]
+    pub fn fast_path(&self) -> Arc<FastPath> {
+        Arc::clone(&self.fast_path)
     }
 
     /// The in-kernel relay, or why it could not be set up.
@@ -366,6 +377,8 @@ impl Interceptor {
             bind_to_loopback,
             bind_denied,
             ingress_dropped,
+            direct,
+            direct_full,
         ] = totals;
         Ok(Counters {
             tcp_redirected,
@@ -379,6 +392,8 @@ impl Interceptor {
             bind_to_loopback,
             bind_denied,
             ingress_dropped,
+            direct,
+            direct_full,
         })
     }
 
@@ -539,6 +554,7 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), EbpfError> {
 fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
     let data = fs::read(VMLINUX_BTF).map_err(EbpfError::BtfRead)?;
     let btf = btf::Btf::parse(&data)?;
+    let (inode_i_ctime_sec, inode_i_ctime_nsec) = ctime_offsets(&btf)?;
     Ok(KernelOffsets {
         task_mm: btf.member_offset("task_struct", "mm", 8)?,
         task_real_parent: btf.member_offset("task_struct", "real_parent", 8)?,
@@ -548,5 +564,23 @@ fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
         inode_i_sb: btf.member_offset("inode", "i_sb", 8)?,
         inode_i_ino: btf.member_offset("inode", "i_ino", 8)?,
         sb_s_dev: btf.member_offset("super_block", "s_dev", 4)?,
+        inode_i_ctime_sec,
+        inode_i_ctime_nsec,
+        inode_i_nlink: btf.member_offset("inode", "__i_nlink", 4)?,
+        _pad: 0,
     })
+}
+
+/// Offsets of the seconds and nanoseconds of `inode`'s status-change time: two fields since
+/// Linux 6.11 (`i_ctime_sec`, `i_ctime_nsec`), a `struct timespec64` before (`__i_ctime`, and
+/// `i_ctime` before 6.6), whose nanoseconds (a `long`) start with their low 32 bits.
+fn ctime_offsets(btf: &btf::Btf) -> Result<(u32, u32), EbpfError> {
+    match btf.member_offset("inode", "i_ctime_sec", 8) {
+        Ok(sec) => Ok((sec, btf.member_offset("inode", "i_ctime_nsec", 4)?)),
+        Err(first) => ["__i_ctime", "i_ctime"]
+            .iter()
+            .find_map(|name| btf.member_offset("inode", name, 16).ok())
+            .map(|at| (at, at + 8))
+            .ok_or_else(|| first.into()),
+    }
 }

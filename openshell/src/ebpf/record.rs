@@ -44,15 +44,22 @@ pub struct ConnectRecord {
     pub exe: Option<ExeId>,
     /// Socket cookie of the client socket.
     pub cookie: u64,
+    /// What the kernel recorded, as it recorded it (the verdict cache is keyed on it).
+    pub raw: common::ConnectRecord,
+}
+
+/// An endpoint the programs recorded, as a socket address (IPv4 destinations as IPv4).
+#[must_use]
+pub fn endpoint_addr(e: &common::Endpoint) -> SocketAddr {
+    match e.as_v4() {
+        Some(v4) => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(v4.octets())), e.port),
+        None => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(e.addr.octets())), e.port),
+    }
 }
 
 impl From<common::ConnectRecord> for ConnectRecord {
     fn from(r: common::ConnectRecord) -> Self {
-        let port = r.orig_dst.port;
-        let original_dst = match r.orig_dst.as_v4() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(v4.octets())), port),
-            None => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(r.orig_dst.addr.octets())), port),
-        };
+        let original_dst = endpoint_addr(&r.orig_dst);
         let has_exe = r.has_exe();
         Self {
             original_dst,
@@ -66,6 +73,7 @@ impl From<common::ConnectRecord> for ConnectRecord {
                 ino: r.exe_ino,
             }),
             cookie: r.cookie,
+            raw: r,
         }
     }
 }
@@ -106,6 +114,11 @@ pub struct Counters {
     pub bind_denied: u64,
     /// Inbound packets for sandboxed sockets dropped (not loopback).
     pub ingress_dropped: u64,
+    /// TCP connects that went direct on a verdict of the proxy.
+    pub direct: u64,
+    /// TCP connects that had a verdict but went through the proxy (direct map or event ring
+    /// full).
+    pub direct_full: u64,
 }
 
 #[cfg(test)]
@@ -135,6 +148,9 @@ mod tests {
             gid: 1001,
             flags: common::ConnectRecord::FLAG_EXE | common::ConnectRecord::FLAG_TCP,
             orig_dst: common::Endpoint::v4(Ipv4Be::from_octets([198, 18, 0, 10]), 443),
+            exe_nlink: 1,
+            exe_ctime_sec: 1_700_000_000,
+            exe_ctime_nsec: 5,
             _pad: 0,
         };
         let r = ConnectRecord::from(raw);
