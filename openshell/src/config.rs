@@ -25,6 +25,9 @@
 //! relay = "copy"                           # allowed L4 streams: "copy" (default), "splice" or
 //!                                          # "kernel" (sockmap: lowest round trip, less bulk
 //!                                          # throughput; see BENCHMARKS.md "Proxy L4")
+//! direct = true                            # allowed L4 connections the proxy judged before
+//!                                          # go direct on its verdict (default true; see
+//!                                          # README "Direct connections")
 //! ```
 
 use std::{
@@ -179,6 +182,9 @@ pub struct ProxySection {
     pub http_listen: SocketAddr,
     /// How allowed L4 streams are relayed.
     pub relay: RelayMode,
+    /// Whether allowed L4 connections that the proxy has judged before go direct on its
+    /// verdicts (`crate::proxy::direct`).
+    pub direct: bool,
 }
 
 impl Default for ProxySection {
@@ -187,6 +193,7 @@ impl Default for ProxySection {
             transparent_listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
             relay: RelayMode::default(),
+            direct: true,
         }
     }
 }
@@ -280,6 +287,17 @@ mod tests {
         );
         assert_eq!(c.proxy.http_listen, ProxySection::default().http_listen);
         assert_eq!(c.proxy.relay, RelayMode::Copy);
+        assert!(c.proxy.direct, "direct connections are on by default");
+    }
+
+    #[test]
+    fn direct_connections_can_be_turned_off() {
+        let c = GatewayConfig::parse(Path::new("g.toml"), "[proxy]\ndirect = false\n").unwrap();
+        assert!(!c.proxy.direct);
+        let err = GatewayConfig::parse(Path::new("g.toml"), "[proxy]\ndirect = \"no\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("direct"), "{err}");
     }
 
     #[test]

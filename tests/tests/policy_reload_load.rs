@@ -330,7 +330,7 @@ def l4(port, i):
                     break
                 got += chunk
             return "ok" if got == msg else "eof"
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         return "reset"
     except OSError as e:
         return "error:" + type(e).__name__
@@ -607,7 +607,7 @@ def echo(s, name, n):
     try:
         s.sendall(b"%s-%d\n" % (name, n))
         return "ok" if s.recv(64) == b"%s-%d\n" % (name, n) else "eof"
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         return "reset"
 
 def get(n):
@@ -699,7 +699,7 @@ try:
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
         s.sendall(b"one-shot\n")
         print("ok" if s.recv(64) == b"one-shot\n" else "eof")
-except (ConnectionResetError, BrokenPipeError):
+except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
     print("reset")
 except OSError as e:
     print("error:" + type(e).__name__)
@@ -798,7 +798,7 @@ while time.monotonic() < deadline:
     try:
         s.sendall(b"after-restart\n")
         result = "ok" if s.recv(64) == b"after-restart\n" else "eof"
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         result = "reset"
     except OSError as e:
         result = "error:" + type(e).__name__

@@ -53,6 +53,10 @@ pub trait DnsScope: Send + Sync {
     fn may_use_address(&self, name: &str, ip: IpAddr) -> bool;
     /// The sandbox's name cache, where usable answers are remembered.
     fn names(&self) -> &NameCache;
+
+    /// Called after an answer changed the set of names of some address in [`DnsScope::names`]
+    /// and before the answer goes to the client.
+    fn names_changed(&self) {}
 }
 
 /// Errors of one upstream exchange.
@@ -312,18 +316,25 @@ pub async fn answer(
     let mut reply = reply_to(&query, upstream_answer.metadata.response_code);
     let now = Instant::now();
     let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    let mut changed = false;
     for record in upstream_answer.answers {
         match address_of(&record) {
             Some(ip) if scope.may_use_address(&name, ip) => {
-                scope
-                    .names()
-                    .remember(ip, &name, Duration::from_secs(u64::from(record.ttl)), now);
+                changed |= scope.names().remember(
+                    ip,
+                    &name,
+                    Duration::from_secs(u64::from(record.ttl)),
+                    now,
+                );
                 kept.push(ip);
                 reply.answers.push(record);
             }
             Some(ip) => dropped.push(ip),
             None => reply.answers.push(record),
         }
+    }
+    if changed {
+        scope.names_changed();
     }
     reply.authorities = upstream_answer
         .authorities

@@ -66,6 +66,11 @@ pub struct Binary {
     pub pid: u32,
     pub path: Arc<Path>,
     pub sha256: Sha256Digest,
+    /// The status-change time (`st_ctime`: seconds, nanoseconds) of the file version that was
+    /// hashed and checked.
+    pub ctime: (i64, i64),
+    /// Its number of hard links then.
+    pub nlink: u64,
 }
 
 /// Why the executable of a connection could not be established.
@@ -112,6 +117,7 @@ struct FileVersion {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    nlink: u64,
 }
 
 impl FileVersion {
@@ -122,6 +128,7 @@ impl FileVersion {
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+            nlink: meta.nlink(),
         }
     }
 
@@ -301,7 +308,13 @@ impl Identities {
             state.paths.clear();
         }
         state.paths.insert(version.exe_id(), Arc::clone(&path));
-        Ok(Binary { pid, path, sha256 })
+        Ok(Binary {
+            pid,
+            path,
+            sha256,
+            ctime: version.ctime,
+            nlink: version.nlink,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

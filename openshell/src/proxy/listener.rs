@@ -35,6 +35,7 @@ use tokio::{
 
 use super::{
     Generation, ProxyError,
+    direct::{DirectPath, NewVerdict},
     dns::{self, DnsOutcome, Upstream},
     identity::{Binary, Identities, IdentityError},
     log::{DecisionLog, DecisionRecord, now_ms},
@@ -58,6 +59,11 @@ const DNS_IN_FLIGHT: usize = 512;
 const IDENTITY_REUSE: Duration = Duration::from_secs(1);
 /// Most identities kept for reuse.
 const IDENTITY_CACHE: usize = 4096;
+/// How many times the direct connections of a sandbox are looked at after a policy change (a
+/// connect that passed the kernel's check just before the change shows up a moment later).
+const REJUDGE_PASSES: usize = 5;
+/// Pause between those looks.
+const REJUDGE_AGAIN_AFTER: Duration = Duration::from_millis(20);
 
 /// (cgroup id, process, recorded executable, recorded parent).
 type IdentityKey = (u64, u32, Option<crate::ebpf::ExeId>, Option<u32>);
@@ -272,6 +278,10 @@ pub struct Proxy {
     dial_timeout: Duration,
     upstream_tls: Arc<rustls::ClientConfig>,
     recent: Mutex<HashMap<IdentityKey, (Instant, Resolved)>>,
+    /// Direct connections on the proxy's verdicts, when on.
+    direct: Option<Arc<DirectPath>>,
+    /// Sandboxes whose direct connections are watched for policy changes.
+    direct_watched: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -315,7 +325,18 @@ impl Proxy {
             dial_timeout: config.dial_timeout,
             upstream_tls: crate::tls::upstream_client_config(&config.extra_roots)?,
             recent: Mutex::new(HashMap::new()),
+            direct: None,
+            direct_watched: Mutex::default(),
         })
+    }
+
+    /// Lets allowed L4 connections that the proxy has judged before go direct on its verdicts
+    /// ([`super::direct`]). The registry must hand the same kernel maps to its sandboxes
+    /// ([`Registry::with_direct`]).
+    #[must_use]
+    pub fn with_direct(mut self, direct: Arc<DirectPath>) -> Self {
+        self.direct = Some(direct);
+        self
     }
 
     /// Serves [`RelayMode::Kernel`] with `kernel` (without one, that mode copies in user space).
@@ -354,6 +375,12 @@ impl Proxy {
         for l in listeners.tcp {
             let l = TcpListener::from_std(l)?;
             tasks.spawn(Arc::clone(&self).accept_loop(l));
+        }
+        if let Some(direct) = &self.direct {
+            tasks.spawn(keep_alive(Arc::clone(direct)));
+            if let Some(events) = direct.kernel().take_events() {
+                tasks.spawn(Arc::clone(&self).direct_events(events));
+            }
         }
         let limit = Arc::new(Semaphore::new(DNS_IN_FLIGHT));
         for s in listeners.udp {
@@ -433,6 +460,8 @@ impl Proxy {
                 resolved
             }
         };
+        // Read before every fact the decision is made on (see `direct`).
+        let epoch = sandbox.direct_epoch();
         let names = sandbox.name_cache().names(dst.ip(), Instant::now());
         let mut facts = Facts {
             sandbox: Arc::clone(&sandbox),
@@ -506,6 +535,7 @@ impl Proxy {
                 .await;
             return;
         }
+        self.write_verdict(&record, &facts, &generation, epoch);
         let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
         {
             Ok(Ok(s)) => s,
@@ -535,6 +565,279 @@ impl Proxy {
         {
             self.log_revoked(&facts, binary, &host, why);
         }
+    }
+
+    /// Hands the kernel a verdict for connections like this allowed one, when nothing outside
+    /// the verdict's key could change the decision (see [`super::direct`]).
+    fn write_verdict(
+        self: &Arc<Self>,
+        record: &ConnectRecord,
+        facts: &Facts,
+        generation: &Generation,
+        epoch: u64,
+    ) {
+        let Some(direct) = &self.direct else { return };
+        let raw = &record.raw;
+        let (Some(binary), Some(exe)) = (&facts.binary, record.exe) else {
+            return;
+        };
+        let same_version =
+            binary.ctime == (raw.exe_ctime_sec, i64::from(raw.exe_ctime_nsec)) && binary.nlink == 1;
+        // An address resolved from several names: which one a connection meant decides the
+        // block it is logged under, and that order changes with every answer.
+        let one_name = facts.names.len() <= 1;
+        if epoch == 0 || !raw.has_exe() || raw.exe_nlink != 1 || !same_version || !one_name {
+            return;
+        }
+        // Allowed by the executable alone: the kernel does not see the next caller's ancestors.
+        let alone = Facts {
+            sandbox: Arc::clone(&facts.sandbox),
+            pid: facts.pid,
+            binary: facts.binary.clone(),
+            ancestors: Vec::new(),
+            ancestor_paths: Vec::new(),
+            names: facts.names.clone(),
+            dst: facts.dst,
+        };
+        let (host, decision) = self.decide(&alone, generation);
+        if decision.verdict != Verdict::Allow
+            || decision.audit
+            || !matches!(decision.inspection, Inspection::None)
+        {
+            return;
+        }
+        let names_expire = if facts.names.is_empty() {
+            None
+        } else {
+            Some(
+                facts
+                    .sandbox
+                    .name_cache()
+                    .soonest_expiry(facts.dst.ip(), Instant::now())
+                    .unwrap_or_else(Instant::now),
+            )
+        };
+        let written = direct.write(NewVerdict {
+            key: openshell_common::VerdictKey::of_record(raw),
+            epoch,
+            names_expire,
+            cgroup_id: facts.sandbox.cgroup_id(),
+            binary: binary.clone(),
+            exe,
+            host,
+            block: decision.block.as_deref().map(str::to_owned),
+            reason: decision.reason.to_string(),
+            revision: generation.revision(),
+            dst: facts.dst,
+        });
+        if written {
+            self.watch_direct(&facts.sandbox);
+        }
+    }
+
+    /// Starts (once per sandbox) the task that judges the sandbox's direct connections again
+    /// after each policy change.
+    fn watch_direct(self: &Arc<Self>, sandbox: &Arc<SandboxNet>) {
+        let cgroup = sandbox.cgroup_id();
+        if !self
+            .direct_watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(cgroup)
+        {
+            return;
+        }
+        let mut updates = sandbox.subscribe();
+        updates.borrow_and_update();
+        let weak = Arc::downgrade(sandbox);
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            // Ends when the sandbox is dropped (its sender with it).
+            while updates.changed().await.is_ok() {
+                updates.borrow_and_update();
+                let Some(sandbox) = weak.upgrade() else { break };
+                let me2 = Arc::clone(&me);
+                let _ = tokio::task::spawn_blocking(move || me2.rejudge_direct(&sandbox)).await;
+            }
+            me.direct_watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&cgroup);
+        });
+    }
+
+    /// Judges every open direct connection of `sandbox` under its generation in force and
+    /// aborts the ones it no longer allows (their peers get a reset), logging each. Runs on a
+    /// blocking thread: it looks again a few times, for connects that were passing the
+    /// kernel's check while the generation changed (their entry or their port appears a moment
+    /// later).
+    fn rejudge_direct(&self, sandbox: &Arc<SandboxNet>) {
+        let mut judged = std::collections::HashSet::new();
+        for pass in 0..REJUDGE_PASSES {
+            if pass > 0 {
+                std::thread::sleep(REJUDGE_AGAIN_AFTER);
+            }
+            let pending = self.rejudge_direct_once(sandbox, &mut judged);
+            if pending == 0 && pass > 0 {
+                break;
+            }
+        }
+    }
+
+    /// One pass of [`Proxy::rejudge_direct`]; returns how many connections had no port yet.
+    fn rejudge_direct_once(
+        &self,
+        sandbox: &Arc<SandboxNet>,
+        judged: &mut std::collections::HashSet<u64>,
+    ) -> usize {
+        let Some(direct) = &self.direct else { return 0 };
+        let conns = match direct.kernel().direct_connections() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("proxy: listing direct connections: {e}");
+                return 0;
+            }
+        };
+        let generation = sandbox.generation();
+        let mut pending = 0;
+        for (cookie, conn) in conns {
+            if conn.cgroup_id != sandbox.cgroup_id() || judged.contains(&cookie) {
+                continue;
+            }
+            let dst = crate::ebpf::endpoint_addr(&conn.dst);
+            let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+            let known = direct.facts(conn.id);
+            let facts = Facts {
+                sandbox: Arc::clone(sandbox),
+                pid: conn.tgid,
+                binary: known.as_ref().map(|k| k.binary.clone()),
+                ancestors: Vec::new(),
+                ancestor_paths: Vec::new(),
+                names: sandbox.name_cache().names(dst.ip(), Instant::now()),
+                dst,
+            };
+            let (host, decision) = self.decide(&facts, &generation);
+            if decision.verdict == Verdict::Allow {
+                continue;
+            }
+            let local = crate::ebpf::endpoint_addr(&conn.local);
+            if local.port() == 0 {
+                // Its SYN has not left yet: it has no address to abort it by. The next pass.
+                pending += 1;
+                continue;
+            }
+            judged.insert(cookie);
+            match super::sockdiag::destroy_tcp(local, crate::ebpf::endpoint_addr(&conn.dst), cookie)
+            {
+                Ok(true) => {
+                    let binary = facts.binary.as_ref().map(|b| b.path.display().to_string());
+                    self.log_revoked(
+                        &facts,
+                        binary,
+                        &host,
+                        (Some(Arc::clone(&generation)), decision.reason.to_string()),
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => eprintln!("proxy: closing direct connection {local} -> {dst}: {e}"),
+            }
+        }
+        pending
+    }
+
+    /// Writes the decision-log line of every connection that went direct.
+    async fn direct_events(self: Arc<Self>, events: aya::maps::RingBuf<aya::maps::MapData>) {
+        // SAFETY: the ring buffer owns its map's file descriptor, which stays open and the
+        // same for as long as the `AsyncFd` owns the ring buffer.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut events) = registered else {
+            eprintln!("proxy: direct connections are not logged: cannot poll the event ring");
+            return;
+        };
+        loop {
+            let Ok(mut guard) = events.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(event) = parse_direct_event(&item) {
+                    batch.push(event);
+                }
+            }
+            guard.clear_ready();
+            for event in batch {
+                self.log_direct(event).await;
+            }
+        }
+    }
+
+    async fn log_direct(self: &Arc<Self>, event: openshell_common::DirectEvent) {
+        let Some(direct) = &self.direct else { return };
+        let Some(sandbox) = self.registry.get(event.cgroup_id) else {
+            return;
+        };
+        let dst = crate::ebpf::endpoint_addr(&event.dst);
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        let Some(known) = direct.facts(event.id) else {
+            self.log.record(DecisionRecord {
+                time_ms: now_ms(),
+                sandbox: sandbox.name().to_owned(),
+                decision: "allow".to_owned(),
+                binary: None,
+                pid: Some(i64::from(event.tgid)),
+                ancestors: Vec::new(),
+                host: None,
+                ip: Some(dst.ip().to_string()),
+                port: Some(dst.port()),
+                block: None,
+                reason: "went direct on a verdict of the proxy that is no longer known".to_owned(),
+                revision: None,
+            });
+            return;
+        };
+        let key = (
+            event.cgroup_id,
+            event.tgid,
+            Some(known.exe),
+            Some(event.parent_tgid),
+        );
+        let ancestors = match self.recent_identity(&key) {
+            Some((_, ancestors)) => ancestors,
+            None => {
+                let me = Arc::clone(self);
+                let cgroup_path = sandbox.cgroup_path().to_owned();
+                let (tgid, parent) = (event.tgid, event.parent_tgid);
+                let ancestors = tokio::task::spawn_blocking(move || {
+                    me.identities.ancestors(tgid, Some(parent), &cgroup_path)
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+                self.remember_identity(key, &(known.binary.clone(), ancestors.clone()));
+                ancestors
+            }
+        };
+        self.log.record(DecisionRecord {
+            time_ms: now_ms(),
+            sandbox: sandbox.name().to_owned(),
+            decision: "allow".to_owned(),
+            binary: Some(known.binary.path.display().to_string()),
+            pid: Some(i64::from(event.tgid)),
+            ancestors: ancestors
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect(),
+            host: Some(known.host.clone()),
+            ip: Some(dst.ip().to_string()),
+            port: Some(dst.port()),
+            block: known.block.clone(),
+            reason: known.reason.clone(),
+            revision: Some(known.revision),
+        });
     }
 
     /// Resolves when a new generation of the sandbox no longer allows the connection judged
@@ -768,6 +1071,35 @@ impl Proxy {
     }
 }
 
+/// Keeps the kernel's deadline for verdicts ahead of now while the proxy runs, and drops the
+/// facts of long expired verdicts now and then.
+async fn keep_alive(direct: Arc<DirectPath>) {
+    let mut tick = tokio::time::interval(super::direct::KEEP_ALIVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u32 = 0;
+    loop {
+        tick.tick().await;
+        direct.keep_alive();
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(64) {
+            // Lists the open direct connections: a map walk, off the runtime's threads.
+            let d = Arc::clone(&direct);
+            let _ = tokio::task::spawn_blocking(move || d.purge()).await;
+        }
+    }
+}
+
+/// A [`openshell_common::DirectEvent`] from the bytes of a ring-buffer item (`None` if it is
+/// too short to be one).
+fn parse_direct_event(bytes: &[u8]) -> Option<openshell_common::DirectEvent> {
+    if bytes.len() < std::mem::size_of::<openshell_common::DirectEvent>() {
+        return None;
+    }
+    // SAFETY: `DirectEvent` is `repr(C)` and made only of integers, so any bytes are a valid
+    // value; `bytes` holds at least its size, and `read_unaligned` needs no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
 /// Logs DNS refusals and dropped answers (resolutions that succeeded are not decisions).
 fn log_dns(log: &dyn DecisionLog, sandbox: &SandboxNet, outcome: &DnsOutcome) {
     let revision = Some(sandbox.generation().revision());
@@ -904,6 +1236,36 @@ impl WithBlock for DecisionRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_events_are_read_whole_from_ring_bytes() {
+        let event = openshell_common::DirectEvent {
+            id: 7,
+            cookie: 0x1122_3344_5566_7788,
+            cgroup_id: 99,
+            tgid: 4242,
+            parent_tgid: 1,
+            dst: openshell_common::Endpoint::v4(
+                openshell_common::Ipv4Be::from_octets([198, 18, 0, 10]),
+                443,
+            ),
+            _pad: 0,
+        };
+        let size = std::mem::size_of::<openshell_common::DirectEvent>();
+        // SAFETY: test only: the bytes of a plain `repr(C)` value, as the kernel writes them.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const event).cast::<u8>(), size) }.to_vec();
+        // The ring buffer hands items at 8-byte alignment plus its header; any offset works.
+        let mut shifted = vec![0u8; 1];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(parse_direct_event(&bytes), Some(event));
+        assert_eq!(parse_direct_event(&shifted[1..]), Some(event));
+        assert_eq!(parse_direct_event(&bytes[..size - 1]), None);
+        assert_eq!(
+            crate::ebpf::endpoint_addr(&event.dst),
+            "198.18.0.10:443".parse::<SocketAddr>().unwrap()
+        );
+    }
 
     fn record(method: &str, target: &str, decision: Verdict, reason: &str) -> RequestRecord {
         RequestRecord {

@@ -8,8 +8,10 @@
 //! - [`names`]: per-sandbox address → name memory.
 //! - [`identity`]: executables as paths, with SHA-256 trust on first use.
 //! - [`relay`]: splice(2) relay with half-close and revocation.
+//! - [`direct`]: the proxy's allow verdicts handed to the kernel, so that later connections
+//!   like an allowed one go direct (logged, and judged again on every policy change).
 //! - [`registry`]: the sandboxes the proxy serves and their policy generations.
-//! - [`sockdiag`]: which cgroup sent a UDP datagram.
+//! - [`sockdiag`]: which cgroup sent a UDP datagram; aborting one TCP connection.
 //! - [`network`]: the proxy as the gateway runs it (listeners, interceptor, sandbox attach).
 //!
 //! An allowed connection to a `protocol: rest` endpoint is handed to [`crate::inspect::serve`]
@@ -20,6 +22,7 @@
 //! root (reading `/proc/<pid>/exe` of sandboxed processes, `NETLINK_SOCK_DIAG`).
 //! Limits: IPv4 and IPv6 TCP; HTTP inspection as [`crate::inspect`] describes it.
 
+pub mod direct;
 pub mod dns;
 pub mod generation;
 pub mod identity;

@@ -69,8 +69,10 @@ impl NameCache {
     }
 
     /// Remembers that `name` resolved to `ip` in an answer with time to live `ttl`.
-    /// `name` must already be in canonical form (lowercase, no trailing dot).
-    pub fn remember(&self, ip: IpAddr, name: &str, ttl: Duration, now: Instant) {
+    /// `name` must already be in canonical form (lowercase, no trailing dot). Returns whether
+    /// the set of names of some address changed (a new pair, or pairs dropped to make room),
+    /// which can change how a connection is judged; a longer time to live alone does not.
+    pub fn remember(&self, ip: IpAddr, name: &str, ttl: Duration, now: Instant) -> bool {
         let expires = now + ttl.clamp(MIN_HOLD, MAX_HOLD);
         let ip = ip.to_canonical();
         let mut inner = self.lock();
@@ -80,7 +82,7 @@ impl NameCache {
             let mut entry = entries.remove(pos);
             entry.expires = entry.expires.max(expires);
             entries.insert(0, entry);
-            return;
+            return false;
         }
         if inner.len >= self.capacity {
             inner.purge_expired(now);
@@ -99,6 +101,21 @@ impl NameCache {
         let dropped = entries.len().saturating_sub(NAMES_PER_IP);
         entries.truncate(NAMES_PER_IP);
         inner.len = inner.len + 1 - dropped;
+        true
+    }
+
+    /// When the first of the names [`NameCache::names`] returns for `ip` at `now` expires
+    /// (`None` when there is none).
+    #[must_use]
+    pub fn soonest_expiry(&self, ip: IpAddr, now: Instant) -> Option<Instant> {
+        let inner = self.lock();
+        inner
+            .by_ip
+            .get(&ip.to_canonical())?
+            .iter()
+            .map(|e| e.expires)
+            .filter(|expires| *expires > now)
+            .min()
     }
 
     /// The names `ip` was resolved from and that are still remembered at `now`, most recent
@@ -196,6 +213,37 @@ mod tests {
         assert_eq!(cache.names(ip("198.18.0.11"), at(59)).len(), 1);
         assert!(cache.names(ip("198.18.0.11"), at(60)).is_empty());
         assert!(cache.names(ip("198.18.0.12"), t0).is_empty());
+    }
+
+    #[test]
+    fn remember_reports_only_changes_of_the_names_of_an_address() {
+        let cache = NameCache::new(2);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(300);
+        let a = ip("198.18.0.10");
+        assert!(cache.remember(a, "a.example.com", ttl, t0));
+        // The same pair again, even with a longer time to live, changes no decision.
+        assert!(!cache.remember(a, "a.example.com", ttl * 2, t0));
+        assert!(!cache.remember(ip("::ffff:198.18.0.10"), "a.example.com", ttl, t0));
+        assert!(cache.remember(a, "b.example.com", ttl, t0));
+        // Full: the new pair evicts another.
+        assert!(cache.remember(ip("198.18.0.11"), "c.example.com", ttl, t0));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn soonest_expiry_is_when_the_first_name_of_an_address_goes() {
+        let cache = NameCache::default();
+        let t0 = Instant::now();
+        let a = ip("198.18.0.10");
+        assert_eq!(cache.soonest_expiry(a, t0), None);
+        cache.remember(a, "long.example.com", Duration::from_secs(600), t0);
+        cache.remember(a, "short.example.com", Duration::from_secs(120), t0);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(cache.soonest_expiry(a, t0), Some(at(120)));
+        // Once the short one has gone, the long one is the soonest.
+        assert_eq!(cache.soonest_expiry(a, at(120)), Some(at(600)));
+        assert_eq!(cache.soonest_expiry(a, at(600)), None);
     }
 
     #[test]

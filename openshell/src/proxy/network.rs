@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 
 use super::{
     CompiledNetwork, Generation, Proxy, ProxyConfig, ProxyError, ProxyListeners, Registry,
-    SandboxNet, listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
+    SandboxNet, direct::DirectPath, listener::DIAL_TIMEOUT, log::StoreLog, relay::RelayMode,
 };
 use crate::{
     config::GatewayConfig,
@@ -119,8 +119,15 @@ impl Network {
                 "gateway: [proxy] relay = \"kernel\" is unavailable, relaying with copy instead: {why}"
             );
         }
+        let direct = config
+            .proxy
+            .direct
+            .then(|| Arc::new(DirectPath::new(interceptor.fast_path())));
         let interceptor = Arc::new(Mutex::new(interceptor));
-        let registry = Arc::new(Registry::new());
+        let registry = Arc::new(match &direct {
+            Some(d) => Registry::with_direct(Arc::clone(d.kernel())),
+            None => Registry::new(),
+        });
         let log = StoreLog::spawn(Arc::clone(&store)).map_err(|e| ProxyError::Config {
             message: format!("starting the decision log writer: {e}"),
         })?;
@@ -134,6 +141,9 @@ impl Network {
         )?;
         if let Ok(kernel) = kernel_relay {
             proxy = proxy.with_kernel_relay(kernel);
+        }
+        if let Some(direct) = direct {
+            proxy = proxy.with_direct(direct);
         }
         let proxy = Arc::new(proxy);
         Ok(Arc::new(Self {

@@ -11,8 +11,8 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Generation, dns::DnsScope, names::NameCache};
-use crate::tls::SandboxCa;
+use super::{Generation, direct::DirectEpoch, dns::DnsScope, names::NameCache};
+use crate::{ebpf::FastPath, tls::SandboxCa};
 
 /// One sandbox as the proxy sees it.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub struct SandboxNet {
     names: NameCache,
     /// Terminates the sandbox's TLS connections to `protocol: rest` endpoints.
     ca: Arc<SandboxCa>,
+    /// Voids the kernel's verdicts for this sandbox when a decision could change.
+    direct: DirectEpoch,
 }
 
 impl SandboxNet {
@@ -51,6 +53,7 @@ impl SandboxNet {
             generation: watch::Sender::new(Arc::new(generation)),
             names: NameCache::default(),
             ca,
+            direct: DirectEpoch::default(),
         })
     }
 
@@ -82,9 +85,21 @@ impl SandboxNet {
     }
 
     /// Puts a new generation in force and returns the one it replaced. Open connections are
-    /// judged again under it, and the ones it no longer allows are closed.
+    /// judged again under it, and the ones it no longer allows are closed. The kernel's
+    /// verdicts for this sandbox stop counting before the new generation is in force, and
+    /// those written meanwhile after.
     pub fn set_generation(&self, generation: Generation) -> Arc<Generation> {
-        self.generation.send_replace(Arc::new(generation))
+        self.direct.advance(self.cgroup_id);
+        let old = self.generation.send_replace(Arc::new(generation));
+        self.direct.advance(self.cgroup_id);
+        old
+    }
+
+    /// The epoch a kernel verdict judged now must carry (0: write none). Read it before
+    /// the facts the decision is made on.
+    #[must_use]
+    pub fn direct_epoch(&self) -> u64 {
+        self.direct.current()
     }
 
     /// The sandbox's certificate authority.
@@ -114,12 +129,18 @@ impl DnsScope for SandboxNet {
     fn names(&self) -> &NameCache {
         &self.names
     }
+
+    fn names_changed(&self) {
+        self.direct.advance(self.cgroup_id);
+    }
 }
 
 /// Every sandbox the proxy serves. Thread-safe; lookups are read-locked.
 #[derive(Debug, Default)]
 pub struct Registry {
     by_cgroup: RwLock<HashMap<u64, Arc<SandboxNet>>>,
+    /// The kernel's verdict maps, when direct connections are on.
+    direct: Option<Arc<FastPath>>,
 }
 
 impl Registry {
@@ -128,14 +149,33 @@ impl Registry {
         Self::default()
     }
 
+    /// A registry whose sandboxes may connect directly on the proxy's verdicts.
+    #[must_use]
+    pub fn with_direct(kernel: Arc<FastPath>) -> Self {
+        Self {
+            by_cgroup: RwLock::default(),
+            direct: Some(kernel),
+        }
+    }
+
     /// Adds (or replaces) a sandbox.
     pub fn insert(&self, sandbox: Arc<SandboxNet>) {
+        if let Some(kernel) = &self.direct {
+            sandbox
+                .direct
+                .enable(Arc::clone(kernel), sandbox.cgroup_id());
+        }
+        // A sandbox it replaces keeps nothing: its verdicts carry an older epoch.
         self.write().insert(sandbox.cgroup_id(), sandbox);
     }
 
-    /// Removes the sandbox of cgroup `cgroup_id`.
+    /// Removes the sandbox of cgroup `cgroup_id`; none of its connections goes direct after.
     pub fn remove(&self, cgroup_id: u64) -> Option<Arc<SandboxNet>> {
-        self.write().remove(&cgroup_id)
+        let removed = self.write().remove(&cgroup_id);
+        if let Some(s) = &removed {
+            s.direct.disable(cgroup_id);
+        }
+        removed
     }
 
     /// The sandbox whose cgroup id is `cgroup_id`.

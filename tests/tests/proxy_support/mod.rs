@@ -19,6 +19,7 @@ use openshell::{
     ebpf::{Attachment, Interceptor},
     proxy::{
         Generation, Proxy, ProxyConfig, ProxyListeners, Registry, SandboxNet,
+        direct::DirectPath,
         log::{DecisionRecord, MemoryLog},
         relay::RelayMode,
     },
@@ -207,17 +208,30 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// `name` must be unique among the tests of one binary.
+    /// `name` must be unique among the tests of one binary. As the gateway by default: the
+    /// default relay, and direct connections on the proxy's verdicts.
     pub fn new(name: &str, policy: &str, upstream_dns: SocketAddr) -> anyhow::Result<Self> {
-        Self::with_relay(name, policy, upstream_dns, RelayMode::default())
+        Self::with_options(name, policy, upstream_dns, RelayMode::default(), true)
     }
 
-    /// As [`Sandbox::new`], relaying with `relay`.
+    /// As [`Sandbox::new`], relaying every allowed connection with `relay` (no direct
+    /// connections, so that every one goes through the relay).
     pub fn with_relay(
         name: &str,
         policy: &str,
         upstream_dns: SocketAddr,
         relay: RelayMode,
+    ) -> anyhow::Result<Self> {
+        Self::with_options(name, policy, upstream_dns, relay, false)
+    }
+
+    /// As [`Sandbox::new`], relaying with `relay`, with or without direct connections.
+    pub fn with_options(
+        name: &str,
+        policy: &str,
+        upstream_dns: SocketAddr,
+        relay: RelayMode,
+        direct: bool,
     ) -> anyhow::Result<Self> {
         // Everything that can fail without side effects comes before the cgroup exists, so a
         // rejected policy leaves no cgroup behind (Drop only runs once `Self` is built).
@@ -246,9 +260,13 @@ impl Sandbox {
             .context("loading the interceptor")?;
         sandbox.attachment = Some(interceptor.attach(sandbox.cgroup.path())?);
         let kernel_relay = interceptor.kernel_relay();
+        let direct = direct.then(|| Arc::new(DirectPath::new(interceptor.fast_path())));
         let interceptor = Arc::new(Mutex::new(interceptor));
         sandbox.interceptor = Some(Arc::clone(&interceptor));
-        let registry = Arc::new(Registry::new());
+        let registry = Arc::new(match &direct {
+            Some(d) => Registry::with_direct(Arc::clone(d.kernel())),
+            None => Registry::new(),
+        });
         registry.insert(Arc::clone(&sandbox.sandbox));
         let mut proxy = Proxy::new(
             &config,
@@ -259,6 +277,9 @@ impl Sandbox {
         )?;
         if let Ok(kernel) = kernel_relay {
             proxy = proxy.with_kernel_relay(kernel);
+        }
+        if let Some(direct) = direct {
+            proxy = proxy.with_direct(direct);
         }
         let proxy = Arc::new(proxy);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -277,6 +298,52 @@ impl Sandbox {
             runtime.shutdown_timeout(Duration::from_millis(200));
         }));
         Ok(sandbox)
+    }
+
+    /// The kernel's decision counters for this sandbox's interceptor.
+    pub fn counters(&self) -> anyhow::Result<openshell::ebpf::Counters> {
+        let interceptor = self
+            .interceptor
+            .as_ref()
+            .context("the interceptor is gone")?;
+        Ok(interceptor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counters()?)
+    }
+
+    /// Stops the proxy (as a gateway that dies would), leaving the cgroup and the attached
+    /// programs in place.
+    pub fn stop_proxy(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Waits (bounded) until the kernel holds at least `n` verdicts of the proxy.
+    pub fn wait_for_verdicts(&self, n: usize) -> anyhow::Result<()> {
+        let interceptor = self
+            .interceptor
+            .as_ref()
+            .context("the interceptor is gone")?;
+        let fast = interceptor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fast_path();
+        let deadline = Instant::now() + TIMEOUT;
+        while fast.verdict_count() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "the kernel holds {} verdicts, not {n}",
+                    fast.verdict_count()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// A command whose process joins the sandbox cgroup before it execs.
