@@ -194,32 +194,46 @@ network_policies:
     );
     // The DNS upstream is never asked (the clients dial the address).
     let dns: SocketAddr = (host, 53).into();
+    // `Direct`: the gateway's default (copy relay, and direct connections on the proxy's
+    // verdicts); the others relay every connection.
     let relays = [
-        ("kernel", RelayMode::Kernel),
-        ("splice", RelayMode::Splice),
-        ("copy", RelayMode::Copy),
+        ("direct (default)", Path::Direct),
+        ("kernel relay", Path::Relay(RelayMode::Kernel)),
+        ("splice relay", Path::Relay(RelayMode::Splice)),
+        ("copy relay", Path::Relay(RelayMode::Copy)),
     ];
     let sandboxes = relays
         .iter()
-        .map(|(name, mode)| Sandbox::with_relay(&format!("bench-{name}"), &policy, dns, *mode))
+        .enumerate()
+        .map(|(i, (_, path))| match path {
+            Path::Direct => Sandbox::new(&format!("bench-{i}"), &policy, dns),
+            Path::Relay(mode) => Sandbox::with_relay(&format!("bench-{i}"), &policy, dns, *mode),
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let sink = SocketAddr::new(host, SINK_PORT);
     let close = SocketAddr::new(host, CLOSE_PORT);
     let echo = SocketAddr::new(host, ECHO_PORT);
-    // Warm up: the first proxied connection hashes this binary (trust on first use).
+    // Warm up: the first proxied connection hashes this binary (trust on first use), and the
+    // first to each destination of the direct path teaches the proxy (its verdict).
     for s in &sandboxes {
         run_client(Some(s), "connects", close, 1)?;
+        run_client(Some(s), "stream", sink, 1)?;
+        run_client(Some(s), "rtt", echo, 1)?;
     }
-    // Connection rate and round trip: the kernel relay and the copy relay (the default).
-    let per_connection = [RelayMode::Kernel, RelayMode::Copy];
-    let sandbox_of = |mode: RelayMode| {
+    // Connection rate and round trip: the direct path, the kernel relay and the copy relay.
+    let per_connection = [
+        Path::Direct,
+        Path::Relay(RelayMode::Kernel),
+        Path::Relay(RelayMode::Copy),
+    ];
+    let sandbox_of = |mode: Path| {
         relays
             .iter()
             .position(|(_, m)| *m == mode)
             .and_then(|i| sandboxes.get(i))
             .context("no sandbox for the relay")
     };
-    let name_of = |mode: RelayMode| {
+    let name_of = |mode: Path| {
         relays
             .iter()
             .find(|(_, m)| *m == mode)
@@ -254,7 +268,7 @@ network_policies:
         Ok((n, ns))
     };
     let (mut direct_c, mut direct_ns) = (0u64, 0f64);
-    let mut proxy_c = [(0u64, 0f64); 2];
+    let mut proxy_c = [(0u64, 0f64); 3];
     for _ in 0..if phase("connects") { CONNECT_ROUNDS } else { 0 } {
         let (n, ns) = rate(&run_client(None, "connects", close, CONNECTS as u64)?)?;
         direct_c += n;
@@ -272,7 +286,7 @@ network_policies:
     }
 
     let mut direct_rtt = Vec::new();
-    let mut proxy_rtt = [Vec::new(), Vec::new()];
+    let mut proxy_rtt = [Vec::new(), Vec::new(), Vec::new()];
     let parse_rtts = |out: &str| -> Vec<f64> {
         out.lines()
             .filter_map(|l| l.parse::<f64>().ok())
@@ -301,7 +315,7 @@ network_policies:
     println!("| direct | {d:.2} | 100% |");
     for ((name, _), tp) in relays.iter().zip(proxy_tp) {
         let t = median(tp);
-        println!("| proxy, {name} relay | {t:.2} | {:.0}% |", 100.0 * t / d);
+        println!("| proxy, {name} | {t:.2} | {:.0}% |", 100.0 * t / d);
     }
     let dr = direct_c as f64 / (direct_ns / 1e9);
     println!("new connections, one at a time, {direct_c} direct:");
@@ -311,7 +325,7 @@ network_policies:
     for (mode, (n, ns)) in per_connection.iter().zip(proxy_c) {
         let pr = n as f64 / (ns / 1e9);
         println!(
-            "| proxy, {} relay | {pr:.0} | {:.0}% |",
+            "| proxy, {} | {pr:.0} | {:.0}% |",
             name_of(*mode),
             100.0 * pr / dr
         );
@@ -327,12 +341,28 @@ network_policies:
     for (mode, rtts) in per_connection.iter().zip(proxy_rtt) {
         let pm = median(rtts);
         println!(
-            "| proxy, {} relay | {pm:.1} µs | {:.1} µs |",
+            "| proxy, {} | {pm:.1} µs | {:.1} µs |",
             name_of(*mode),
             pm - dm
         );
     }
     let decisions: usize = sandboxes.iter().map(|s| s.log.records().len()).sum();
     println!("decisions logged by the proxies: {decisions}");
+    if let Some(s) = sandboxes.first() {
+        let c = s.counters()?;
+        println!(
+            "direct path: {} connects went direct, {} through the proxy",
+            c.direct, c.tcp_redirected
+        );
+    }
     Ok(())
+}
+
+/// How a sandbox's allowed connections reach the test host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The default: direct on the proxy's verdict after the first connection.
+    Direct,
+    /// Every connection through the proxy's relay.
+    Relay(RelayMode),
 }
