@@ -402,3 +402,53 @@ fn verdicts_stop_counting_soon_after_the_gateway_stops() {
     assert_eq!(direct(&sandbox), 1);
     assert_eq!(host.requests(), ["/a", "/b"]);
 }
+
+#[test]
+fn ipv6_connections_go_direct_too() {
+    if !privileged() {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let host = pypi_host();
+    let v6 = host.net.ns_v6();
+    let listener = host
+        .net
+        .run(move || std::net::TcpListener::bind((v6, 7443)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(3).flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            if reader.read_line(&mut line).is_ok() {
+                let _ = (&stream).write_all(line.as_bytes());
+            }
+        }
+    });
+    // Cargo hard-links its binaries (two names): a copy has one.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let probe = dir.path().join("probe");
+    std::fs::copy(env!("CARGO_BIN_EXE_ebpf-probe"), &probe).unwrap();
+    let v6_policy = format!(
+        "version: 1
+network_policies:
+  v6:
+    endpoints:
+      - {{ host: \"{v6}\", port: 7443 }}
+    binaries:
+      - {{ path: {} }}
+",
+        probe.display()
+    );
+    let sandbox = Sandbox::new("ipv6", &v6_policy, host.dns.addr()).unwrap();
+    for _ in 0..3 {
+        let mut cmd = sandbox.command(&probe);
+        cmd.args(["tcp-echo", &format!("[{v6}]:7443")]);
+        let out = sandbox.run(cmd).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("reply=ping"), "{out:?}");
+        sandbox.wait_for_verdicts(1).unwrap();
+    }
+    assert_eq!(direct(&sandbox), 2);
+}
