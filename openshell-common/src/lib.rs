@@ -187,8 +187,8 @@ impl Counter {
 }
 
 /// Byte offsets of the kernel structure fields the connect programs follow to find the
-/// executable: `task_struct → mm → exe_file → f_inode → (i_sb → s_dev, i_ino, i_ctime_sec,
-/// i_ctime_nsec, i_nlink)` and `task_struct → real_parent → tgid`. Rust eBPF has no CO-RE, so
+/// executable: `task_struct → mm → exe_file → (f_path.mnt, f_inode → (i_sb → s_dev, i_ino,
+/// i_ctime_sec, i_ctime_nsec, i_nlink))` and `task_struct → real_parent → tgid`. Rust eBPF has no CO-RE, so
 /// user space reads these from `/sys/kernel/btf/vmlinux` and stores them in [`Config`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -204,7 +204,8 @@ pub struct KernelOffsets {
     pub inode_i_ctime_sec: u32,
     pub inode_i_ctime_nsec: u32,
     pub inode_i_nlink: u32,
-    pub _pad: u32,
+    /// `file.f_path.mnt`: the mount the executable was reached through.
+    pub file_f_path_mnt: u32,
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
 
@@ -289,8 +290,11 @@ pub struct ConnectRecord {
     pub exe_ctime_sec: i64,
     pub exe_ctime_nsec: u32,
     pub _pad: u32,
+    /// The mount the executable was reached through (the kernel's `vfsmount` address, only
+    /// ever compared): the same file seen at two paths through a bind mount differs here.
+    pub exe_mnt: u64,
 }
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 88);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 96);
 
 impl ConnectRecord {
     /// `exe_dev`, `exe_ino` and `parent_tgid` were read successfully.
@@ -354,21 +358,23 @@ pub struct RelayPeer {
 const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
 
 /// Which executable, in which sandbox, may connect where without asking the proxy
-/// ([`map_names::VERDICTS`]). The executable is one version of one file: its device, inode and
-/// status-change time (a write, a rename, a new hard link all move the time).
+/// ([`map_names::VERDICTS`]). The executable is one version of one file reached through one
+/// mount: its device, inode and status-change time (a write, a rename, a new hard link all move
+/// the time), and the mount (a bind mount shows the same file at another path).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub cgroup_id: u64,
     pub exe_ino: u64,
     pub exe_ctime_sec: i64,
+    pub exe_mnt: u64,
     pub exe_dev: KernelDev,
     pub exe_ctime_nsec: u32,
     /// The destination exactly as the connect program sees it.
     pub dst: Endpoint,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<VerdictKey>() == 56);
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 64);
 
 impl VerdictKey {
     /// The key of the connection `record` describes (its executable fields must be valid).
@@ -378,6 +384,7 @@ impl VerdictKey {
             cgroup_id: record.cgroup_id,
             exe_ino: record.exe_ino,
             exe_ctime_sec: record.exe_ctime_sec,
+            exe_mnt: record.exe_mnt,
             exe_dev: record.exe_dev,
             exe_ctime_nsec: record.exe_ctime_nsec,
             dst: record.orig_dst,

@@ -635,6 +635,7 @@ fn new_record(ctx: &SockAddrContext, cfg: &Config, dst: Endpoint, flags: u32) ->
                 record.exe_nlink = exe.nlink;
                 record.exe_ctime_sec = exe.ctime_sec;
                 record.exe_ctime_nsec = exe.ctime_nsec;
+                record.exe_mnt = exe.mnt;
                 record.flags |= ConnectRecord::FLAG_EXE;
             }
             None => count(Counter::ExeUnknown),
@@ -749,10 +750,11 @@ struct ExeIdentity {
     nlink: u32,
     ctime_sec: i64,
     ctime_nsec: u32,
+    mnt: u64,
 }
 
-/// Reads `current → mm → exe_file → f_inode → (i_sb → s_dev, i_ino, i_nlink, i_ctime)` and
-/// `current → real_parent → tgid` with the offsets user space resolved from BTF.
+/// Reads `current → mm → exe_file → (f_path.mnt, f_inode → (i_sb → s_dev, i_ino, i_nlink,
+/// i_ctime))` and `current → real_parent → tgid` with the offsets user space resolved from BTF.
 fn exe_identity(off: &KernelOffsets) -> Option<ExeIdentity> {
     // SAFETY: the helper takes no arguments and returns the current task_struct's address.
     let task = unsafe { bpf_get_current_task() } as usize;
@@ -766,6 +768,7 @@ fn exe_identity(off: &KernelOffsets) -> Option<ExeIdentity> {
         return None;
     }
     let inode: usize = read_kernel(exe_file, off.file_f_inode)?;
+    let mnt: u64 = read_kernel(exe_file, off.file_f_path_mnt)?;
     let ino: u64 = read_kernel(inode, off.inode_i_ino)?;
     let sb: usize = read_kernel(inode, off.inode_i_sb)?;
     let dev: u32 = read_kernel(sb, off.sb_s_dev)?;
@@ -783,6 +786,7 @@ fn exe_identity(off: &KernelOffsets) -> Option<ExeIdentity> {
         nlink,
         ctime_sec,
         ctime_nsec,
+        mnt,
     })
 }
 

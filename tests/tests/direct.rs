@@ -452,3 +452,58 @@ network_policies:
     }
     assert_eq!(direct(&sandbox), 2);
 }
+
+/// A bind mount of `source` on `target`, undone on drop (even when the test fails).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> Self {
+        let out = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(source)
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount --bind: {out:?}");
+        Self(target.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+#[test]
+fn the_same_file_through_a_bind_mount_is_another_binary() {
+    if !privileged() {
+        return;
+    }
+    let host = pypi_host();
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let (real, alias) = (dir.path().join("real"), dir.path().join("alias"));
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&alias).unwrap();
+    let tool = curl_copy(&real, "tool");
+    let tool_text = tool.display().to_string();
+    // One file, one hard link, two paths (as the sandbox's /sandbox shows its work directory).
+    let _mount = BindMount::new(&real, &alias);
+    let aliased = alias.join("tool");
+    let aliased_text = aliased.display().to_string();
+    let sandbox = Sandbox::new("bind", &policy(&[&tool_text]), host.dns.addr()).unwrap();
+    assert!(succeeded(&fetch(&sandbox, &host, &tool, "a")));
+    assert!(succeeded(&fetch(&sandbox, &host, &tool, "b")));
+    assert_eq!(direct(&sandbox), 1);
+    let out = fetch(&sandbox, &host, &aliased, "c");
+    assert!(!out.status.success(), "{out:?}");
+    let denied = sandbox
+        .wait_for_record(|r| r.decision == "deny" && r.binary.as_deref() == Some(&*aliased_text))
+        .unwrap();
+    assert!(denied.reason.contains("not listed"), "{}", denied.reason);
+    assert_eq!(direct(&sandbox), 1);
+    assert_eq!(host.requests(), ["/a", "/b"]);
+}

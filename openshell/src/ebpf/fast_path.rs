@@ -3,10 +3,13 @@
 //! destination at wire speed, with no relay in between.
 //!
 //! A verdict ([`VerdictKey`] → [`Verdict`]) says: this version of this executable (device,
-//! inode, status-change time), in this sandbox (cgroup), may connect to this destination. The
+//! inode, status-change time), reached through this mount, in this sandbox (cgroup), may connect
+//! to this destination. The
 //! connect program applies it only when all of these hold, and otherwise sends the connect to
 //! the proxy as always:
-//! - the executable has exactly one hard link (so it has one path, the one the proxy judged);
+//! - the executable has exactly one hard link, and is reached through the same mount (so it has
+//!   one path, the one the proxy judged; a bind mount, such as the sandbox's `/sandbox`, shows a
+//!   file at a second path through another mount);
 //! - the verdict's epoch is its cgroup's current epoch ([`FastPath::set_epoch`]): user space
 //!   moves the epoch on before anything that could change a decision takes effect, which
 //!   voids every verdict of that sandbox at once;

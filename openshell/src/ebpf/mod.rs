@@ -567,7 +567,8 @@ fn kernel_offsets() -> Result<KernelOffsets, EbpfError> {
         inode_i_ctime_sec,
         inode_i_ctime_nsec,
         inode_i_nlink: btf.member_offset("inode", "__i_nlink", 4)?,
-        _pad: 0,
+        file_f_path_mnt: btf.member_offset("file", "f_path", 16)?
+            + btf.member_offset("path", "mnt", 8)?,
     })
 }
 

@@ -152,6 +152,7 @@ mod tests {
             exe_ctime_sec: 1_700_000_000,
             exe_ctime_nsec: 5,
             _pad: 0,
+            exe_mnt: 0xffff_8880_0000_1000,
         };
         let r = ConnectRecord::from(raw);
         assert_eq!(r.original_dst, "198.18.0.10:443".parse().unwrap());
