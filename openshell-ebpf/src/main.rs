@@ -43,8 +43,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr, sk_action,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        bpf_sock_addr, sk_action,
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -700,7 +701,17 @@ fn go_direct(record: &ConnectRecord) -> bool {
         dst: record.orig_dst,
         _pad: 0,
     };
-    if DIRECT_EVENTS.output::<DirectEvent>(&event, 0).is_err() {
+    // Wake the reader only for the first event after it drained the ring: while events keep
+    // coming it collects them on its own every few milliseconds.
+    let wake = if DIRECT_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) == 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if DIRECT_EVENTS
+        .output::<DirectEvent>(&event, u64::from(wake))
+        .is_err()
+    {
         // Nothing goes direct unlogged.
         let _ = DIRECT.remove(record.cookie);
         count(Counter::DirectFull);

@@ -269,17 +269,28 @@ network_policies:
     };
     let (mut direct_c, mut direct_ns) = (0u64, 0f64);
     let mut proxy_c = [(0u64, 0f64); 3];
+    // CPU time of the proxies' runtime threads (tokio workers and blocking threads) while each
+    // path's connection rounds ran: what the gateway spends per connection.
+    let mut proxy_cpu_ns = [0u64; 3];
     for _ in 0..if phase("connects") { CONNECT_ROUNDS } else { 0 } {
         let (n, ns) = rate(&run_client(None, "connects", close, CONNECTS as u64)?)?;
         direct_c += n;
         direct_ns += ns;
-        for (mode, acc) in per_connection.iter().zip(&mut proxy_c) {
+        for ((mode, acc), cpu) in per_connection
+            .iter()
+            .zip(&mut proxy_c)
+            .zip(&mut proxy_cpu_ns)
+        {
+            let before = runtime_cpu_ns();
             let (n, ns) = rate(&run_client(
                 Some(sandbox_of(*mode)?),
                 "connects",
                 close,
                 CONNECTS as u64,
             )?)?;
+            // The direct path's log lines are written just after; let them finish.
+            std::thread::sleep(Duration::from_millis(100));
+            *cpu += runtime_cpu_ns().saturating_sub(before);
             acc.0 += n;
             acc.1 += ns;
         }
@@ -330,6 +341,14 @@ network_policies:
             100.0 * pr / dr
         );
     }
+    println!("proxy runtime CPU per connection (connection rounds):");
+    for ((mode, (n, _)), cpu) in per_connection.iter().zip(proxy_c).zip(proxy_cpu_ns) {
+        println!(
+            "| proxy, {} | {:.1} µs |",
+            name_of(*mode),
+            cpu as f64 / 1e3 / n.max(1) as f64
+        );
+    }
     let dm = median(direct_rtt.clone());
     println!(
         "round trip on a kept-alive connection, {} direct pings:",
@@ -365,4 +384,34 @@ enum Path {
     Direct,
     /// Every connection through the proxy's relay.
     Relay(RelayMode),
+}
+
+/// Time on CPU, in nanoseconds, of this process's tokio runtime threads (the proxies'), read
+/// from each thread's CPU clock (`/proc/self/task` lists them; the kernel's per-thread clock id
+/// for thread `tid` is `(!tid << 3) | 6`, as glibc's `pthread_getcpuclockid` builds it).
+fn runtime_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-"))
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .map(|tid| {
+            let clock: libc::clockid_t = (!tid << 3) | 6;
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid out-pointer; a thread that exited meanwhile gives EINVAL,
+            // counted as 0.
+            if unsafe { libc::clock_gettime(clock, &raw mut ts) } != 0 {
+                return 0;
+            }
+            u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(ts.tv_nsec).unwrap_or(0)
+        })
+        .sum()
 }

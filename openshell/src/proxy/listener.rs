@@ -64,6 +64,8 @@ const IDENTITY_CACHE: usize = 4096;
 const REJUDGE_PASSES: usize = 5;
 /// Pause between those looks.
 const REJUDGE_AGAIN_AFTER: Duration = Duration::from_millis(20);
+/// While direct connections keep coming, how often their log lines are collected.
+const DIRECT_LOG_EVERY: Duration = Duration::from_millis(10);
 
 /// (cgroup id, process, recorded executable, recorded parent).
 type IdentityKey = (u64, u32, Option<crate::ebpf::ExeId>, Option<u32>);
@@ -757,19 +759,30 @@ impl Proxy {
             return;
         };
         loop {
+            // Woken by the first event after the ring was drained (the programs ask for a
+            // wake-up only then); later ones are collected every `DIRECT_LOG_EVERY` until a look
+            // finds none, so a busy sandbox costs a wake-up per window, not per connection.
             let Ok(mut guard) = events.readable_mut().await else {
                 return;
             };
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(item) = ring.next() {
-                if let Some(event) = parse_direct_event(&item) {
-                    batch.push(event);
-                }
-            }
+            // Cleared before draining: a wake-up for an event after the drain is kept.
             guard.clear_ready();
-            for event in batch {
-                self.log_direct(event).await;
+            drop(guard);
+            loop {
+                let mut batch = Vec::new();
+                let ring = events.get_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(event) = parse_direct_event(&item) {
+                        batch.push(event);
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                for event in batch {
+                    self.log_direct(event).await;
+                }
+                tokio::time::sleep(DIRECT_LOG_EVERY).await;
             }
         }
     }
