@@ -1,21 +1,24 @@
-//! Proxy L4 benchmark (issue 5): an allowed TCP stream relayed by the proxy against direct
+//! Proxy L4 benchmark (issue 5): an allowed TCP stream from a sandbox against direct
 //! connections to the same test host, in one run. Needs root.
 //! Run: `cargo bench -p openshell-tests --bench proxy_l4`.
 //!
 //! The upstream servers run on a test host in a network namespace (198.18.N.10): a sink (reads
 //! to end of stream, then closes), an accept-and-close server, and a one-byte echo server. Each
 //! client is this binary re-executed with `--client`, either outside any sandbox (direct) or
-//! inside a sandbox cgroup with the eBPF programs attached and the real proxy serving it
-//! (proxied: connect → eBPF redirect → proxy accept → record, binary identity, decision, log →
-//! dial the test host → relay). The sides alternate in rounds so that load from other processes
-//! hits both alike. Every loop is bounded in count and time.
+//! inside a sandbox cgroup with the eBPF programs attached and the real proxy serving it. The
+//! sandboxes: one with the gateway's defaults (copy relay, direct connections on the proxy's
+//! verdicts: after the warm-up connection to each server, which the proxy relays and judges,
+//! connects go straight to the server and are logged from the kernel's events), and one per
+//! relay with direct connections off (connect → eBPF redirect → proxy accept → record, binary
+//! identity, decision, log → dial the test host → relay). The sides alternate in rounds so that
+//! load from other processes hits both alike. Every loop is bounded in count and time.
 //!
 //! - Throughput: one stream of [`STREAM_BYTES`], measured from connect to the server's close
-//!   (so every byte reached the server), for each relay (kernel, splice, copy).
+//!   (so every byte reached the server), for the default path and each relay.
 //! - New connections/s: connect, then wait for the server's close (a full end-to-end
-//!   connection), one at a time, through the kernel relay and the copy relay (the default).
-//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, kernel relay and
-//!   copy relay.
+//!   connection), one at a time: the default path, the kernel relay and the copy relay; with
+//!   the CPU time the proxies' runtime threads spent per connection.
+//! - Round trip added on a kept-alive connection: 1-byte ping-pong, median, for the same three.
 //!
 //! `PROXY_L4_ONLY=stream|connects|rtt` runs one measure alone (to profile it).
 
