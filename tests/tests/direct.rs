@@ -68,6 +68,26 @@ fn succeeded(out: &std::process::Output) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout) == "hello from the test host\n"
 }
 
+/// `program` fetches `/a`, which the proxy relays and judges (writing a verdict), then `/b`,
+/// which goes direct on it.
+fn teach(sandbox: &Sandbox, host: &TestHost, program: &Path) {
+    assert!(succeeded(&fetch(sandbox, host, program, "a")));
+    assert!(succeeded(&fetch(sandbox, host, program, "b")));
+    assert_eq!(direct(sandbox), 1);
+}
+
+/// `program`'s request for `/c` fails, and the proxy logs a denial of `program` that says
+/// `why`.
+fn assert_denied(sandbox: &Sandbox, host: &TestHost, program: &Path, why: &str) {
+    let out = fetch(sandbox, host, program, "c");
+    assert!(!out.status.success(), "{out:?}");
+    let path = program.display().to_string();
+    let denied = sandbox
+        .wait_for_record(|r| r.decision == "deny" && r.binary.as_deref() == Some(&*path))
+        .unwrap();
+    assert!(denied.reason.contains(why), "{}", denied.reason);
+}
+
 /// How many connects went direct so far.
 fn direct(sandbox: &Sandbox) -> u64 {
     sandbox.counters().unwrap().direct
@@ -133,9 +153,7 @@ fn a_binary_changed_in_place_is_checked_by_the_proxy_again() {
     let tool = curl_copy(dir.path(), "tool");
     let tool_text = tool.display().to_string();
     let sandbox = Sandbox::new("changed", &policy(&[&tool_text]), host.dns.addr()).unwrap();
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "a")));
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "b")));
-    assert_eq!(direct(&sandbox), 1);
+    teach(&sandbox, &host, &tool);
     // Same inode, new content: trust on first use must catch it, so the verdict must not apply.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -143,17 +161,8 @@ fn a_binary_changed_in_place_is_checked_by_the_proxy_again() {
         .unwrap();
     std::io::Write::write_all(&mut f, b"tampered").unwrap();
     drop(f);
-    let out = fetch(&sandbox, &host, &tool, "c");
-    assert!(!out.status.success(), "{out:?}");
+    assert_denied(&sandbox, &host, &tool, "integrity violation");
     assert_eq!(direct(&sandbox), 1);
-    let denied = sandbox
-        .wait_for_record(|r| r.decision == "deny" && r.binary.as_deref() == Some(&*tool_text))
-        .unwrap();
-    assert!(
-        denied.reason.contains("integrity violation"),
-        "{}",
-        denied.reason
-    );
     assert_eq!(host.requests(), ["/a", "/b"]);
 }
 
@@ -167,19 +176,11 @@ fn a_hard_link_to_an_allowed_binary_never_borrows_its_verdict() {
     let tool = curl_copy(dir.path(), "tool");
     let tool_text = tool.display().to_string();
     let sandbox = Sandbox::new("hardlink", &policy(&[&tool_text]), host.dns.addr()).unwrap();
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "a")));
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "b")));
-    assert_eq!(direct(&sandbox), 1);
+    teach(&sandbox, &host, &tool);
     // A second name for the same file, made after the verdict was written.
     let alias = dir.path().join("alias");
     std::fs::hard_link(&tool, &alias).unwrap();
-    let alias_text = alias.display().to_string();
-    let out = fetch(&sandbox, &host, &alias, "c");
-    assert!(!out.status.success(), "{out:?}");
-    let denied = sandbox
-        .wait_for_record(|r| r.decision == "deny" && r.binary.as_deref() == Some(&*alias_text))
-        .unwrap();
-    assert!(denied.reason.contains("not listed"), "{}", denied.reason);
+    assert_denied(&sandbox, &host, &alias, "not listed");
     // While the file has two names, even the allowed one goes through the proxy.
     assert!(succeeded(&fetch(&sandbox, &host, &tool, "d")));
     assert!(succeeded(&fetch(&sandbox, &host, &tool, "e")));
@@ -360,9 +361,7 @@ network_policies:
 ";
     let sandbox = Sandbox::new("two-names", two_blocks, host.dns.addr()).unwrap();
     let curl = Path::new("/usr/bin/curl");
-    assert!(succeeded(&fetch(&sandbox, &host, curl, "a")));
-    assert!(succeeded(&fetch(&sandbox, &host, curl, "b")));
-    assert_eq!(direct(&sandbox), 1);
+    teach(&sandbox, &host, curl);
     // The same address now also stands for files.pythonhosted.org.
     let mut cmd = sandbox.command("/usr/bin/curl");
     cmd.args(["-sS", "--max-time", "10", "--cacert"])
@@ -384,9 +383,7 @@ fn verdicts_stop_counting_soon_after_the_gateway_stops() {
     let mut sandbox =
         Sandbox::new("stopped", &policy(&["/usr/bin/curl"]), host.dns.addr()).unwrap();
     let curl = Path::new("/usr/bin/curl");
-    assert!(succeeded(&fetch(&sandbox, &host, curl, "a")));
-    assert!(succeeded(&fetch(&sandbox, &host, curl, "b")));
-    assert_eq!(direct(&sandbox), 1);
+    teach(&sandbox, &host, curl);
     sandbox.stop_proxy();
     // The verdict is still in the kernel, but nobody renews the gateway's deadline.
     std::thread::sleep(openshell::proxy::direct::KEEP_ALIVE_FOR + Duration::from_millis(500));
@@ -493,17 +490,9 @@ fn the_same_file_through_a_bind_mount_is_another_binary() {
     // One file, one hard link, two paths (as the sandbox's /sandbox shows its work directory).
     let _mount = BindMount::new(&real, &alias);
     let aliased = alias.join("tool");
-    let aliased_text = aliased.display().to_string();
     let sandbox = Sandbox::new("bind", &policy(&[&tool_text]), host.dns.addr()).unwrap();
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "a")));
-    assert!(succeeded(&fetch(&sandbox, &host, &tool, "b")));
-    assert_eq!(direct(&sandbox), 1);
-    let out = fetch(&sandbox, &host, &aliased, "c");
-    assert!(!out.status.success(), "{out:?}");
-    let denied = sandbox
-        .wait_for_record(|r| r.decision == "deny" && r.binary.as_deref() == Some(&*aliased_text))
-        .unwrap();
-    assert!(denied.reason.contains("not listed"), "{}", denied.reason);
+    teach(&sandbox, &host, &tool);
+    assert_denied(&sandbox, &host, &aliased, "not listed");
     assert_eq!(direct(&sandbox), 1);
     assert_eq!(host.requests(), ["/a", "/b"]);
 }

@@ -27,7 +27,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -128,23 +127,21 @@ impl DirectEpoch {
 /// judge those connections again.
 #[derive(Debug)]
 pub struct VerdictFacts {
-    pub cgroup_id: u64,
     pub binary: crate::proxy::identity::Binary,
     pub exe: crate::ebpf::ExeId,
     pub host: String,
     pub block: Option<String>,
     pub reason: String,
     pub revision: i64,
-    pub dst: SocketAddr,
-    expires: Instant,
 }
 
-/// The proxy's side of direct connections: the facts behind each verdict it wrote.
+/// The proxy's side of direct connections: the facts behind each verdict it wrote, with when
+/// the verdict expires.
 #[derive(Debug)]
 pub struct DirectPath {
     kernel: Arc<FastPath>,
     next_id: AtomicU64,
-    facts: Mutex<HashMap<u64, Arc<VerdictFacts>>>,
+    facts: Mutex<HashMap<u64, (Instant, Arc<VerdictFacts>)>>,
 }
 
 /// A verdict to write, with what it was decided on.
@@ -154,14 +151,7 @@ pub struct NewVerdict {
     pub epoch: u64,
     /// Soonest expiry of the names the decision used.
     pub names_expire: Option<Instant>,
-    pub cgroup_id: u64,
-    pub binary: crate::proxy::identity::Binary,
-    pub exe: crate::ebpf::ExeId,
-    pub host: String,
-    pub block: Option<String>,
-    pub reason: String,
-    pub revision: i64,
-    pub dst: SocketAddr,
+    pub facts: VerdictFacts,
 }
 
 impl DirectPath {
@@ -199,20 +189,7 @@ impl DirectPath {
                 // Full until the next purge ([`DirectPath::purge`]): this one stays proxied.
                 return false;
             }
-            facts.insert(
-                id,
-                Arc::new(VerdictFacts {
-                    cgroup_id: v.cgroup_id,
-                    binary: v.binary,
-                    exe: v.exe,
-                    host: v.host,
-                    block: v.block,
-                    reason: v.reason,
-                    revision: v.revision,
-                    dst: v.dst,
-                    expires,
-                }),
-            );
+            facts.insert(id, (expires, Arc::new(v.facts)));
         }
         let ttl_ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
         let verdict = Verdict {
@@ -240,7 +217,7 @@ impl DirectPath {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
-            .cloned()
+            .map(|(_, f)| Arc::clone(f))
     }
 
     /// Pushes the gateway's deadline forward (see [`KEEP_ALIVE_FOR`]).
@@ -263,6 +240,6 @@ impl DirectPath {
         self.facts
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|id, f| f.expires + VERDICT_TTL > now || open.contains(id));
+            .retain(|id, (expires, _)| *expires + VERDICT_TTL > now || open.contains(id));
     }
 }

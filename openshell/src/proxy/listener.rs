@@ -35,7 +35,7 @@ use tokio::{
 
 use super::{
     Generation, ProxyError,
-    direct::{DirectPath, NewVerdict},
+    direct::{DirectPath, NewVerdict, VerdictFacts},
     dns::{self, DnsOutcome, Upstream},
     identity::{Binary, Identities, IdentityError},
     log::{DecisionLog, DecisionRecord, now_ms},
@@ -623,14 +623,14 @@ impl Proxy {
             key: openshell_common::VerdictKey::of_record(raw),
             epoch,
             names_expire,
-            cgroup_id: facts.sandbox.cgroup_id(),
-            binary: binary.clone(),
-            exe,
-            host,
-            block: decision.block.as_deref().map(str::to_owned),
-            reason: decision.reason.to_string(),
-            revision: generation.revision(),
-            dst: facts.dst,
+            facts: VerdictFacts {
+                binary: binary.clone(),
+                exe,
+                host,
+                block: decision.block.as_deref().map(str::to_owned),
+                reason: decision.reason.to_string(),
+                revision: generation.revision(),
+            },
         });
         if written {
             self.watch_direct(&facts.sandbox);
