@@ -537,7 +537,13 @@ impl Proxy {
                 .await;
             return;
         }
-        self.write_verdict(&record, &facts, &generation, epoch);
+        self.write_verdict(
+            &record,
+            &facts,
+            &generation,
+            epoch,
+            (host.clone(), decision),
+        );
         let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
         {
             Ok(Ok(s)) => s,
@@ -577,6 +583,7 @@ impl Proxy {
         facts: &Facts,
         generation: &Generation,
         epoch: u64,
+        decided: (String, Decision),
     ) {
         let Some(direct) = &self.direct else { return };
         let raw = &record.raw;
@@ -592,16 +599,20 @@ impl Proxy {
             return;
         }
         // Allowed by the executable alone: the kernel does not see the next caller's ancestors.
-        let alone = Facts {
-            sandbox: Arc::clone(&facts.sandbox),
-            pid: facts.pid,
-            binary: facts.binary.clone(),
-            ancestors: Vec::new(),
-            ancestor_paths: Vec::new(),
-            names: facts.names.clone(),
-            dst: facts.dst,
+        let (host, decision) = if facts.ancestor_paths.is_empty() {
+            decided
+        } else {
+            let alone = Facts {
+                sandbox: Arc::clone(&facts.sandbox),
+                pid: facts.pid,
+                binary: facts.binary.clone(),
+                ancestors: Vec::new(),
+                ancestor_paths: Vec::new(),
+                names: facts.names.clone(),
+                dst: facts.dst,
+            };
+            self.decide(&alone, generation)
         };
-        let (host, decision) = self.decide(&alone, generation);
         if decision.verdict != Verdict::Allow
             || decision.audit
             || !matches!(decision.inspection, Inspection::None)
