@@ -496,3 +496,27 @@ fn the_same_file_through_a_bind_mount_is_another_binary() {
     assert_eq!(direct(&sandbox), 1);
     assert_eq!(host.requests(), ["/a", "/b"]);
 }
+
+#[test]
+fn a_restarted_gateway_drops_the_verdicts_of_the_one_before() {
+    if !privileged() {
+        return;
+    }
+    let host = pypi_host();
+    let sandbox = Sandbox::new("restart", &policy(&["/usr/bin/curl"]), host.dns.addr()).unwrap();
+    let curl = Path::new("/usr/bin/curl");
+    teach(&sandbox, &host, curl);
+    assert_eq!(sandbox.verdicts().unwrap(), 1);
+    sandbox.load_interceptor_again().unwrap();
+    assert_eq!(sandbox.verdicts().unwrap(), 0);
+    // The new load also stopped the deadline; once the running proxy has pushed it again,
+    // only the dropped verdict keeps the next connection from going direct: it is judged
+    // again (and teaches the kernel again).
+    std::thread::sleep(openshell::proxy::direct::KEEP_ALIVE_EVERY * 2);
+    assert!(succeeded(&fetch(&sandbox, &host, curl, "c")));
+    assert_eq!(direct(&sandbox), 1);
+    sandbox.wait_for_verdicts(1).unwrap();
+    assert!(succeeded(&fetch(&sandbox, &host, curl, "d")));
+    assert_eq!(direct(&sandbox), 2);
+    assert_eq!(host.requests(), ["/a", "/b", "/c", "/d"]);
+}

@@ -14,6 +14,9 @@
 //!    Allowed to a `protocol: rest` endpoint: hand the connection to [`inspect::serve`], which
 //!    decides each HTTP request by the generation current at that moment and logs it here too;
 //!    the connection is reset when a new generation no longer allows it.
+//! 6. Allowed plain L4 (and direct connections on): the kernel gets a verdict, so the next
+//!    connections like this one go direct ([`super::direct`]); their log lines come from the
+//!    kernel's events, and a new generation judges them again and aborts the ones it denies.
 //!
 //! DNS listener (UDP): the sandbox is found from the datagram's source socket (sock_diag), and
 //! the policy DNS answers.

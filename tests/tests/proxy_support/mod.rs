@@ -202,6 +202,7 @@ pub struct Sandbox {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     interceptor: Option<Arc<Mutex<Interceptor>>>,
+    interceptor_config: Option<openshell::ebpf::InterceptorConfig>,
     attachment: Option<Attachment>,
     cgroup: SandboxCgroup,
     bpffs_dir: PathBuf,
@@ -248,6 +249,7 @@ impl Sandbox {
             stop: None,
             thread: None,
             interceptor: None,
+            interceptor_config: None,
             attachment: None,
             cgroup,
             bpffs_dir,
@@ -256,8 +258,10 @@ impl Sandbox {
         config.relay = relay;
         let listeners = ProxyListeners::bind(&config)?;
         sandbox.own = listeners.addresses();
-        let mut interceptor = Interceptor::load(&listeners.interceptor_config(&sandbox.bpffs_dir))
-            .context("loading the interceptor")?;
+        let interceptor_config = listeners.interceptor_config(&sandbox.bpffs_dir);
+        let mut interceptor =
+            Interceptor::load(&interceptor_config).context("loading the interceptor")?;
+        sandbox.interceptor_config = Some(interceptor_config);
         sandbox.attachment = Some(interceptor.attach(sandbox.cgroup.path())?);
         let kernel_relay = interceptor.kernel_relay();
         let direct = direct.then(|| Arc::new(DirectPath::new(interceptor.fast_path())));
@@ -323,16 +327,36 @@ impl Sandbox {
         }
     }
 
-    /// Waits (bounded) until the kernel holds at least `n` verdicts of the proxy.
-    pub fn wait_for_verdicts(&self, n: usize) -> anyhow::Result<()> {
+    /// Loads the eBPF object again on the same pins, as a restarted gateway does (the new
+    /// object is dropped at once; the programs attached by the first stay).
+    pub fn load_interceptor_again(&self) -> anyhow::Result<()> {
+        let config = self
+            .interceptor_config
+            .as_ref()
+            .context("the interceptor is gone")?;
+        drop(Interceptor::load(config)?);
+        Ok(())
+    }
+
+    /// How many verdicts of the proxy the kernel holds.
+    pub fn verdicts(&self) -> anyhow::Result<usize> {
+        Ok(self.fast_path()?.verdict_count())
+    }
+
+    fn fast_path(&self) -> anyhow::Result<Arc<openshell::ebpf::FastPath>> {
         let interceptor = self
             .interceptor
             .as_ref()
             .context("the interceptor is gone")?;
-        let fast = interceptor
+        Ok(interceptor
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .fast_path();
+            .fast_path())
+    }
+
+    /// Waits (bounded) until the kernel holds at least `n` verdicts of the proxy.
+    pub fn wait_for_verdicts(&self, n: usize) -> anyhow::Result<()> {
+        let fast = self.fast_path()?;
         let deadline = Instant::now() + TIMEOUT;
         while fast.verdict_count() < n {
             if Instant::now() > deadline {
