@@ -17,6 +17,10 @@
 //! proxy handles the connection, so an ancestor that exits in between is missing from the chain
 //! (which can only deny, never allow, more).
 //!
+//! A process that exited (or exec'd) before the proxy looked is resolved through the path
+//! learned earlier for its file, but only while that file has one name: with several hard
+//! links, the path learned may not be the one the process ran.
+//!
 //! Relies on: procfs, and the privilege to read other processes' `exe` links (root).
 //! Limits: the trust store lives in memory (a gateway restart trusts afresh) and holds at most
 //! [`TRUST_CAPACITY`] paths.
@@ -81,6 +85,11 @@ pub enum IdentityError {
          executable (device {dev:#x}, inode {ino}) was never seen before"
     )]
     Gone { pid: u32, dev: u64, ino: u64 },
+    #[error(
+        "the process {pid} that connected has exited or exec'd another program, and its \
+         executable {path} has {links} names (hard links), so which one it ran cannot be told"
+    )]
+    GoneAmbiguous { pid: u32, path: PathBuf, links: u64 },
     #[error("the kernel could not record the executable of process {pid}")]
     Unrecorded { pid: u32 },
     #[error(
@@ -256,6 +265,15 @@ impl Identities {
         let version = FileVersion::of(&meta);
         if version.exe_id() != recorded {
             return Err(gone());
+        }
+        if version.nlink != 1 {
+            // The path learned earlier is one of several names of this file; the process may
+            // have run another, which the policy may not allow.
+            return Err(IdentityError::GoneAmbiguous {
+                pid,
+                path: path.to_path_buf(),
+                links: version.nlink,
+            });
         }
         self.check(pid, path.to_path_buf(), &file, version)
     }
@@ -440,6 +458,21 @@ mod tests {
             .executable(gone_pid, Some(exe_id(&other)))
             .unwrap_err();
         assert!(matches!(err, IdentityError::Gone { .. }), "{err}");
+        // Once the file has a second name, the known path may not be the one the process ran.
+        let alias = dir.path().join("alias");
+        std::fs::hard_link(&copy, &alias).unwrap();
+        let err = ids.executable(gone_pid, Some(recorded)).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::GoneAmbiguous { links: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string()
+                .replace(&copy.display().to_string(), "COPY")
+                .replace(&gone_pid.to_string(), "PID"),
+            "the process PID that connected has exited or exec'd another program, and its \
+             executable COPY has 2 names (hard links), so which one it ran cannot be told"
+        );
     }
 
     #[test]
