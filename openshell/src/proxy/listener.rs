@@ -285,8 +285,8 @@ pub struct Proxy {
     recent: Mutex<HashMap<IdentityKey, (Instant, Resolved)>>,
     /// Direct connections on the proxy's verdicts, when on.
     direct: Option<Arc<DirectPath>>,
-    /// Sandboxes whose direct connections are watched for policy changes.
-    direct_watched: Mutex<std::collections::HashSet<u64>>,
+    /// Sandboxes whose direct connections are watched for policy changes, by cgroup id.
+    direct_watched: Mutex<HashMap<u64, std::sync::Weak<SandboxNet>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -655,17 +655,20 @@ impl Proxy {
     /// after each policy change.
     fn watch_direct(self: &Arc<Self>, sandbox: &Arc<SandboxNet>) {
         let cgroup = sandbox.cgroup_id();
-        if !self
-            .direct_watched
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cgroup)
+        let weak = Arc::downgrade(sandbox);
         {
-            return;
+            let mut watched = self
+                .direct_watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A sandbox that replaced another of the same cgroup gets its own watch.
+            if watched.get(&cgroup).is_some_and(|w| w.ptr_eq(&weak)) {
+                return;
+            }
+            watched.insert(cgroup, weak.clone());
         }
         let mut updates = sandbox.subscribe();
         updates.borrow_and_update();
-        let weak = Arc::downgrade(sandbox);
         let me = Arc::clone(self);
         tokio::spawn(async move {
             // Ends when the sandbox is dropped (its sender with it).
@@ -675,10 +678,13 @@ impl Proxy {
                 let me2 = Arc::clone(&me);
                 let _ = tokio::task::spawn_blocking(move || me2.rejudge_direct(&sandbox)).await;
             }
-            me.direct_watched
+            let mut watched = me
+                .direct_watched
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&cgroup);
+                .unwrap_or_else(PoisonError::into_inner);
+            if watched.get(&cgroup).is_some_and(|w| w.ptr_eq(&weak)) {
+                watched.remove(&cgroup);
+            }
         });
     }
 
