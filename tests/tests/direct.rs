@@ -68,6 +68,31 @@ fn succeeded(out: &std::process::Output) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout) == "hello from the test host\n"
 }
 
+/// A sandbox whose policy lets `DIR/tool` (a copy of curl in a fresh directory) reach
+/// pypi.org, with the test host playing it.
+struct ToolSandbox {
+    host: TestHost,
+    dir: tempfile::TempDir,
+    tool: std::path::PathBuf,
+    sandbox: Sandbox,
+}
+
+impl ToolSandbox {
+    fn new(name: &str) -> Self {
+        let host = pypi_host();
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let tool = curl_copy(dir.path(), "tool");
+        let tool_text = tool.display().to_string();
+        let sandbox = Sandbox::new(name, &policy(&[&tool_text]), host.dns.addr()).unwrap();
+        Self {
+            host,
+            dir,
+            tool,
+            sandbox,
+        }
+    }
+}
+
 /// `program` fetches `/a`, which the proxy relays and judges (writing a verdict), then `/b`,
 /// which goes direct on it.
 fn teach(sandbox: &Sandbox, host: &TestHost, program: &Path) {
@@ -148,11 +173,12 @@ fn a_binary_changed_in_place_is_checked_by_the_proxy_again() {
     if !privileged() {
         return;
     }
-    let host = pypi_host();
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
-    let tool = curl_copy(dir.path(), "tool");
-    let tool_text = tool.display().to_string();
-    let sandbox = Sandbox::new("changed", &policy(&[&tool_text]), host.dns.addr()).unwrap();
+    let ToolSandbox {
+        host,
+        dir: _dir,
+        tool,
+        sandbox,
+    } = ToolSandbox::new("changed");
     teach(&sandbox, &host, &tool);
     // Same inode, new content: trust on first use must catch it, so the verdict must not apply.
     let mut f = std::fs::OpenOptions::new()
@@ -171,11 +197,12 @@ fn a_hard_link_to_an_allowed_binary_never_borrows_its_verdict() {
     if !privileged() {
         return;
     }
-    let host = pypi_host();
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
-    let tool = curl_copy(dir.path(), "tool");
-    let tool_text = tool.display().to_string();
-    let sandbox = Sandbox::new("hardlink", &policy(&[&tool_text]), host.dns.addr()).unwrap();
+    let ToolSandbox {
+        host,
+        dir,
+        tool,
+        sandbox,
+    } = ToolSandbox::new("hardlink");
     teach(&sandbox, &host, &tool);
     // A second name for the same file, made after the verdict was written.
     let alias = dir.path().join("alias");
@@ -480,17 +507,16 @@ fn the_same_file_through_a_bind_mount_is_another_binary() {
     if !privileged() {
         return;
     }
-    let host = pypi_host();
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
-    let (real, alias) = (dir.path().join("real"), dir.path().join("alias"));
-    std::fs::create_dir(&real).unwrap();
-    std::fs::create_dir(&alias).unwrap();
-    let tool = curl_copy(&real, "tool");
-    let tool_text = tool.display().to_string();
+    let ToolSandbox {
+        host,
+        dir,
+        tool,
+        sandbox,
+    } = ToolSandbox::new("bind");
     // One file, one hard link, two paths (as the sandbox's /sandbox shows its work directory).
-    let _mount = BindMount::new(&real, &alias);
-    let aliased = alias.join("tool");
-    let sandbox = Sandbox::new("bind", &policy(&[&tool_text]), host.dns.addr()).unwrap();
+    let elsewhere = tempfile::tempdir_in("/tmp").unwrap();
+    let _mount = BindMount::new(dir.path(), elsewhere.path());
+    let aliased = elsewhere.path().join("tool");
     teach(&sandbox, &host, &tool);
     assert_denied(&sandbox, &host, &aliased, "not listed");
     assert_eq!(direct(&sandbox), 1);

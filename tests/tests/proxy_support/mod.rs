@@ -306,14 +306,17 @@ impl Sandbox {
 
     /// The kernel's decision counters for this sandbox's interceptor.
     pub fn counters(&self) -> anyhow::Result<openshell::ebpf::Counters> {
+        Ok(self.interceptor()?.counters()?)
+    }
+
+    fn interceptor(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Interceptor>> {
         let interceptor = self
             .interceptor
             .as_ref()
             .context("the interceptor is gone")?;
         Ok(interceptor
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .counters()?)
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Stops the proxy (as a gateway that dies would), leaving the cgroup and the attached
@@ -344,14 +347,7 @@ impl Sandbox {
     }
 
     fn fast_path(&self) -> anyhow::Result<Arc<openshell::ebpf::FastPath>> {
-        let interceptor = self
-            .interceptor
-            .as_ref()
-            .context("the interceptor is gone")?;
-        Ok(interceptor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .fast_path())
+        Ok(self.interceptor()?.fast_path())
     }
 
     /// Waits (bounded) until the kernel holds at least `n` verdicts of the proxy.
