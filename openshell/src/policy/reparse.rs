@@ -429,7 +429,11 @@ pub(crate) fn plan(prev: &Parsed, source_name: &str, text: &str) -> Result<Plan,
     let old_end = blocks.get(j).map_or(old.len(), |b| b.start);
     let new_end = new.len() - (old.len() - old_end);
     let chunk = text.get(s_i..new_end).ok_or(Fallback::ChunkText)?;
-    if !chunk_text_ok(chunk, new_end == new.len()) {
+    // The text the chunk replaces must pass the same checks: a section after
+    // `network_policies` deleted together with the last block is a change outside the blocks.
+    let replaced = prev.text.get(s_i..old_end).ok_or(Fallback::ChunkText)?;
+    if !chunk_text_ok(chunk, new_end == new.len()) || !chunk_text_ok(replaced, old_end == old.len())
+    {
         return Err(Fallback::ChunkText);
     }
 

@@ -192,6 +192,12 @@ fn sections_after_network_policies_stay_fast_for_inner_blocks() {
     // So does an edit of the tail itself.
     let new = old.replace("run_as_group: agent", "run_as_group: other");
     assert_eq!(fallback(&old, &new), Fallback::ChunkText);
+    // And deleting the last block together with the tail (the new text has no line at column 0
+    // after the blocks, but the text it replaces had): found by the property test below.
+    let last = old.find("  d:\n").unwrap();
+    let new = old[..last].to_owned();
+    assert_eq!(fallback(&old, &new), Fallback::ChunkText);
+    assert!(!keep(&new).policy().present.process);
 }
 
 #[test]
