@@ -814,63 +814,63 @@ impl Proxy {
         };
         let dst = crate::ebpf::endpoint_addr(&event.dst);
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        let Some(known) = direct.facts(event.id) else {
-            self.log.record(DecisionRecord {
-                time_ms: now_ms(),
-                sandbox: sandbox.name().to_owned(),
-                decision: "allow".to_owned(),
-                binary: None,
-                pid: Some(i64::from(event.tgid)),
-                ancestors: Vec::new(),
-                host: None,
-                ip: Some(dst.ip().to_string()),
-                port: Some(dst.port()),
-                block: None,
-                reason: "went direct on a verdict of the proxy that is no longer known".to_owned(),
-                revision: None,
-            });
-            return;
+        // The facts outlive their verdict by a time to live; the fallback below is a safety net.
+        let known = direct.facts(event.id);
+        let ancestors = match &known {
+            Some(known) => self.direct_ancestors(&sandbox, &event, known).await,
+            None => Vec::new(),
         };
+        self.log.record(DecisionRecord {
+            time_ms: now_ms(),
+            sandbox: sandbox.name().to_owned(),
+            decision: "allow".to_owned(),
+            binary: known.as_ref().map(|k| k.binary.path.display().to_string()),
+            pid: Some(i64::from(event.tgid)),
+            ancestors: ancestors
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect(),
+            host: known.as_ref().map(|k| k.host.clone()),
+            ip: Some(dst.ip().to_string()),
+            port: Some(dst.port()),
+            block: known.as_ref().and_then(|k| k.block.clone()),
+            reason: known.as_ref().map_or_else(
+                || "went direct on a verdict of the proxy that is no longer known".to_owned(),
+                |k| k.reason.clone(),
+            ),
+            revision: known.as_ref().map(|k| k.revision),
+        });
+    }
+
+    /// The ancestors of the process behind a direct connection, as the proxy resolves them for
+    /// a relayed one (reusing a recent resolution of the same process).
+    async fn direct_ancestors(
+        self: &Arc<Self>,
+        sandbox: &SandboxNet,
+        event: &openshell_common::DirectEvent,
+        known: &VerdictFacts,
+    ) -> Vec<Binary> {
         let key = (
             event.cgroup_id,
             event.tgid,
             Some(known.exe),
             Some(event.parent_tgid),
         );
-        let ancestors = match self.recent_identity(&key) {
-            Some((_, ancestors)) => ancestors,
-            None => {
-                let me = Arc::clone(self);
-                let cgroup_path = sandbox.cgroup_path().to_owned();
-                let (tgid, parent) = (event.tgid, event.parent_tgid);
-                let ancestors = tokio::task::spawn_blocking(move || {
-                    me.identities.ancestors(tgid, Some(parent), &cgroup_path)
-                })
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
-                self.remember_identity(key, &(known.binary.clone(), ancestors.clone()));
-                ancestors
-            }
-        };
-        self.log.record(DecisionRecord {
-            time_ms: now_ms(),
-            sandbox: sandbox.name().to_owned(),
-            decision: "allow".to_owned(),
-            binary: Some(known.binary.path.display().to_string()),
-            pid: Some(i64::from(event.tgid)),
-            ancestors: ancestors
-                .iter()
-                .map(|a| a.path.display().to_string())
-                .collect(),
-            host: Some(known.host.clone()),
-            ip: Some(dst.ip().to_string()),
-            port: Some(dst.port()),
-            block: known.block.clone(),
-            reason: known.reason.clone(),
-            revision: Some(known.revision),
-        });
+        if let Some((_, ancestors)) = self.recent_identity(&key) {
+            return ancestors;
+        }
+        let me = Arc::clone(self);
+        let cgroup_path = sandbox.cgroup_path().to_owned();
+        let (tgid, parent) = (event.tgid, event.parent_tgid);
+        let ancestors = tokio::task::spawn_blocking(move || {
+            me.identities.ancestors(tgid, Some(parent), &cgroup_path)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+        self.remember_identity(key, &(known.binary.clone(), ancestors.clone()));
+        ancestors
     }
 
     /// Resolves when a new generation of the sandbox no longer allows the connection judged
