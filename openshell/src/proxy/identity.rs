@@ -73,8 +73,6 @@ pub struct Binary {
     /// The status-change time (`st_ctime`: seconds, nanoseconds) of the file version that was
     /// hashed and checked.
     pub ctime: (i64, i64),
-    /// Its number of hard links then.
-    pub nlink: u64,
 }
 
 /// Why the executable of a connection could not be established.
@@ -331,7 +329,6 @@ impl Identities {
             path,
             sha256,
             ctime: version.ctime,
-            nlink: version.nlink,
         })
     }
 

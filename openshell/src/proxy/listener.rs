@@ -540,13 +540,7 @@ impl Proxy {
                 .await;
             return;
         }
-        self.write_verdict(
-            &record,
-            &facts,
-            &generation,
-            epoch,
-            (host.clone(), decision),
-        );
+        self.write_verdict(&record, &facts, &generation, epoch, (&host, &decision));
         let upstream = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(dst)).await
         {
             Ok(Ok(s)) => s,
@@ -586,15 +580,15 @@ impl Proxy {
         facts: &Facts,
         generation: &Generation,
         epoch: u64,
-        decided: (String, Decision),
+        decided: (&str, &Decision),
     ) {
         let Some(direct) = &self.direct else { return };
         let raw = &record.raw;
         let (Some(binary), Some(exe)) = (&facts.binary, record.exe) else {
             return;
         };
-        let same_version =
-            binary.ctime == (raw.exe_ctime_sec, i64::from(raw.exe_ctime_nsec)) && binary.nlink == 1;
+        // The file the proxy hashed is the one the kernel saw (any write or link moves ctime).
+        let same_version = binary.ctime == (raw.exe_ctime_sec, i64::from(raw.exe_ctime_nsec));
         // An address resolved from several names: which one a connection meant decides the
         // block it is logged under, and that order changes with every answer.
         let one_name = facts.names.len() <= 1;
@@ -602,6 +596,7 @@ impl Proxy {
             return;
         }
         // Allowed by the executable alone: the kernel does not see the next caller's ancestors.
+        let judged_alone;
         let (host, decision) = if facts.ancestor_paths.is_empty() {
             decided
         } else {
@@ -614,7 +609,8 @@ impl Proxy {
                 names: facts.names.clone(),
                 dst: facts.dst,
             };
-            self.decide(&alone, generation)
+            judged_alone = self.decide(&alone, generation);
+            (judged_alone.0.as_str(), &judged_alone.1)
         };
         if decision.verdict != Verdict::Allow
             || decision.audit
@@ -640,7 +636,7 @@ impl Proxy {
             facts: VerdictFacts {
                 binary: binary.clone(),
                 exe,
-                host,
+                host: host.to_owned(),
                 block: decision.block.as_deref().map(str::to_owned),
                 reason: decision.reason.to_string(),
                 revision: generation.revision(),
